@@ -1,0 +1,3 @@
+from seerjax.cli import main
+
+raise SystemExit(main())
