@@ -174,3 +174,60 @@ def export_seed_format(out_dir: str, gates, config: GateConfig, model_hf_config:
     cfg.update(gate_config_to_seed_fields(config))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def gate_config_for_model(model_config, **settings) -> GateConfig:
+    """A GateConfig shaped for a seerjax ModelConfig; `settings` are the gate options (block_size, ...)."""
+    return GateConfig(
+        num_layers=model_config.num_layers,
+        num_q_heads=model_config.num_heads,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        **settings,
+    )
+
+
+def attach_gates(model, config: GateConfig, *, seed: int = 0, param_dtype=None) -> list:
+    """Gives every attention layer of `model` a freshly initialized AttnGate; returns them."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from seerjax.gate import AttnGate
+
+    mc = model.config
+    check_gates_fit_model(
+        config, num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim
+    )
+    rngs = nnx.Rngs(seed)
+    gates = []
+    for layer in model.layers:
+        gate = AttnGate(config, rngs=rngs, param_dtype=param_dtype or jnp.float32)
+        layer.attn.gate = gate
+        gates.append(gate)
+    return gates
+
+
+def model_gates(model) -> list:
+    """The AttnGates of a model, one per layer; a clear error when it has none."""
+    gates = [layer.attn.gate for layer in model.layers]
+    if any(g is None for g in gates):
+        raise GateConfigError("the model has no AttnGates; load them with load_gates(model, gates_dir) or train them with distill")
+    return gates
+
+
+def load_gates(model, gates_dir: str):
+    """Reads a gates directory (seerjax's or the seed's format), checks it fits `model`, attaches the gates."""
+    import jax.numpy as jnp
+
+    config = read_gate_config(gates_dir)
+    mc = model.config
+    check_gates_fit_model(
+        config, num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim
+    )
+    tensors = load_gate_tensors(gates_dir, config)
+    gates = attach_gates(model, config)
+    for i, gate in enumerate(gates):
+        if gate.mask_linear_q is not None:
+            gate.mask_linear_q[...] = jnp.asarray(tensors[tensor_name(i, "mask_linear_q")])
+        gate.mask_linear_k[...] = jnp.asarray(tensors[tensor_name(i, "mask_linear_k")])
+    return config

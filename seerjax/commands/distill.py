@@ -1,0 +1,59 @@
+"""`seerjax distill`: train AttnGates by self-distillation on a frozen model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--data", required=True, help="SOURCE: .txt/.jsonl/.parquet file, directory, glob, 'embedded', or hub name")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per packed training sequence")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, metrics.jsonl, gates.safetensors")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed for gate initialization and data order")
+    p.add_argument("--block-size", type=int, default=64, choices=(16, 32, 64, 128), help="gate block size")
+    p.add_argument("--gate-heads", default="query", choices=("query", "kv"), help="one gate per query head or per KV head")
+    p.add_argument("--d-gate", type=int, default=128, help="gate hidden size")
+    p.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="poolings, e.g. Qavg_Kmaxminavg")
+    p.add_argument("--dtype", default="bfloat16", help="model compute dtype (bfloat16, float32, float16)")
+    p.add_argument("--implementation", default=None, help="kernel implementation (default: fastest for the platform)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args):
+    from seerjax.train.distill import DistillSettings
+
+    return DistillSettings(
+        model=args.model,
+        data=args.data,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        out=args.out,
+        batch=args.batch,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup=args.warmup,
+        save_every=args.save_every,
+        seed=args.seed,
+        block_size=args.block_size,
+        gate_heads=args.gate_heads,
+        d_gate=args.d_gate,
+        gate_type=args.gate_type,
+        dtype=args.dtype,
+        implementation=args.implementation,
+        progress=not args.no_progress,
+    )
+
+
+def run(args) -> int:
+    from seerjax.train.distill import distill
+
+    result = distill(settings_from_args(args))
+    print(f"distilled gates for {result.steps} steps, final loss {result.final_loss:.5f}; wrote {result.out}/gates.safetensors")
+    return 0

@@ -1,0 +1,271 @@
+"""Gate distillation (post-training): train only the AttnGates against the frozen model's own attention.
+
+One step runs the frozen model forward with the ``pooled`` attention, which yields each layer's block
+max-pooled attention map (the target) and the gate's logits on stop-gradient q/k. The loss is the seed's:
+KL(target ‖ softmax(gate)) per layer, first quarter of query blocks dropped, summed over layers, × 10.
+Gradients exist only for gate parameters: the model is split into `GateParam` state (trained, with AdamW
+state) and everything else (passed through untouched), so optimizer state is 2× the gate bytes and the base
+model never enters autodiff.
+
+Checkpoints (orbax) hold gates, optimizer state, step and data position; re-running the same command after
+a crash (even kill -9) resumes and ends with the same gates as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from seerjax.gate import GateConfig, GateParam, gate_kl_loss, gate_targets
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+class DistillError(ValueError):
+    """Bad distillation settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    """Everything a distillation run needs; the CLI flags map one to one onto these fields."""
+
+    model: str
+    data: str
+    seq_len: int
+    steps: int
+    out: str
+    batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 20
+    save_every: int = 50
+    seed: int = 0
+    block_size: int = 64
+    gate_heads: str = "query"
+    d_gate: int = 128
+    gate_type: str = "Qavg_Kmaxminavg"
+    loss_scale: float = 10.0
+    skip_fraction: float = 0.25
+    dtype: str = "bfloat16"
+    implementation: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = ("seq_len", "steps", "batch", "grad_accum", "save_every", "d_gate")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise DistillError(f"{name} must be a positive integer, got {value!r}")
+        if self.warmup < 0:
+            raise DistillError(f"warmup must be >= 0, got {self.warmup}")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise DistillError(f"lr must be a positive number, got {self.lr}")
+        if self.seq_len < self.block_size:
+            raise DistillError(
+                f"seq_len={self.seq_len} is shorter than one gate block (block_size={self.block_size}); "
+                "distillation needs at least one full block"
+            )
+        if not 0.0 <= self.skip_fraction < 1.0:
+            raise DistillError(f"skip_fraction must be in [0, 1), got {self.skip_fraction}")
+
+
+def gate_config_from_settings(model_config, s: DistillSettings) -> GateConfig:
+    from seerjax.gate import parse_gate_type
+    from seerjax.gates_io import gate_config_for_model
+
+    q_pool, k_pool = parse_gate_type(s.gate_type)
+    return gate_config_for_model(
+        model_config, block_size=s.block_size, d_gate=s.d_gate, q_pooling=q_pool, k_pooling=k_pool, heads=s.gate_heads
+    )
+
+
+def distill_loss(aux_per_layer, gate_config: GateConfig, *, loss_scale=10.0, skip_fraction=0.25) -> jax.Array:
+    """Sum over layers of the gate KL loss, × loss_scale (the seed's ×10)."""
+    total = 0.0
+    for aux in aux_per_layer:
+        target = gate_targets(aux["pooled"], gate_config)
+        total = total + gate_kl_loss(aux["gate_logits"], target, skip_fraction=skip_fraction)
+    return loss_scale * total
+
+
+def make_optimizer(s: DistillSettings) -> optax.GradientTransformation:
+    """AdamW, linear warm-up then cosine decay to 0, no weight decay (the seed's recipe)."""
+    warmup = min(s.warmup, max(s.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, warmup, max(s.steps, warmup + 1), end_value=0.0)
+    return optax.adamw(schedule, weight_decay=0.0)
+
+
+def make_train_step(graphdef, gate_config: GateConfig, tx, s: DistillSettings):
+    """`step(gates, opt_state, frozen, tokens[accum, B, T]) -> (gates, opt_state, loss)`, jitted, donating
+    the gates and optimizer state. Only `gates` are differentiated."""
+    attention_config = {"implementation": s.implementation}
+
+    def loss_fn(gates, frozen, tokens_bt):
+        model = nnx.merge(graphdef, gates, frozen)
+        _, aux = model.hidden_states(tokens_bt, attention="pooled", attention_config=attention_config)
+        return distill_loss(aux, gate_config, loss_scale=s.loss_scale, skip_fraction=s.skip_fraction)
+
+    def step(gates, opt_state, frozen, tokens_abt):
+        def micro(carry, tokens_bt):
+            loss, grads = jax.value_and_grad(loss_fn)(gates, frozen, tokens_bt)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, gates))
+        (loss_sum, grad_sum), _ = jax.lax.scan(micro, zero, tokens_abt)
+        n = tokens_abt.shape[0]
+        grads = jax.tree.map(lambda g: g / n, grad_sum)
+        updates, opt_state = tx.update(grads, opt_state, gates)
+        gates = optax.apply_updates(gates, updates)
+        return gates, opt_state, loss_sum / n
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+@dataclasses.dataclass
+class DistillResult:
+    out: str
+    steps: int
+    final_loss: float
+    losses: list
+    gate_bytes: int
+    optimizer_bytes: int
+
+
+def _checkpoint_manager(out: str, s: DistillSettings):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out, CHECKPOINT_DIR)), options=options)
+
+
+def _rewrite_metrics(path: str, upto_step: int) -> None:
+    """Keeps the metric lines of steps <= upto_step (a resumed run rewrites the later ones)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= upto_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line from a killed run
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
+    """Trains AttnGates; resumes from `s.out` when a checkpoint is there. Returns the losses and sizes.
+
+    `model` (a seerjax model) and `data` (a `PackedSequences`) may be given directly, e.g. from tests;
+    otherwise they come from `s.model` and `s.data`.
+    """
+    import orbax.checkpoint as ocp
+
+    from seerjax import sparse_attention  # noqa: F401  (registers the "pooled" attention)
+    from seerjax.gates_io import attach_gates, save_gates
+    from seerjax.train.data import load_tokenizer, packed_from_source
+
+    if model is None:
+        from seerjax.hf import from_pretrained
+
+        model = from_pretrained(s.model, dtype=s.dtype)
+    gate_config = gate_config_from_settings(model.config, s)
+    if data is None:
+        data = packed_from_source(s.data, load_tokenizer(s.model), s.seq_len, seed=s.seed)
+    if data.seq_len != s.seq_len:
+        raise DistillError(f"data packs sequences of {data.seq_len} tokens but seq_len={s.seq_len}")
+    attach_gates(model, gate_config, seed=s.seed)
+    graphdef, gates, frozen = nnx.split(model, GateParam, ...)
+    tx = make_optimizer(s)
+    opt_state = tx.init(gates)
+    step_fn = make_train_step(graphdef, gate_config, tx, s)
+
+    os.makedirs(s.out, exist_ok=True)
+    manager = _checkpoint_manager(s.out, s)
+    start = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        restored = manager.restore(
+            latest,
+            args=ocp.args.Composite(
+                gates=ocp.args.StandardRestore(gates),
+                opt_state=ocp.args.StandardRestore(opt_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        gates, opt_state = restored["gates"], restored["opt_state"]
+        meta = restored["meta"]
+        if meta.get("gate_config") != gate_config.to_dict():
+            raise DistillError(
+                f"the checkpoint in {s.out} was made with other gate settings ({meta.get('gate_config')}); "
+                "use another --out or the same settings"
+            )
+        start = int(meta["step"])
+    metrics_path = os.path.join(s.out, METRICS_FILE)
+    _rewrite_metrics(metrics_path, start)
+
+    tokens_per_step = s.batch * s.grad_accum * s.seq_len
+    losses = []
+    bar = None
+    if s.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=s.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+    with open(metrics_path, "a") as metrics:
+        for step in range(start, s.steps):
+            position = step * s.batch * s.grad_accum
+            tokens = data.batch(position, s.batch * s.grad_accum).reshape(s.grad_accum, s.batch, s.seq_len)
+            t0 = time.perf_counter()
+            gates, opt_state, loss = step_fn(gates, opt_state, frozen, jnp.asarray(tokens))
+            loss = float(loss)
+            dt = time.perf_counter() - t0
+            if not np.isfinite(loss):
+                raise DistillError(f"distillation loss became {loss} at step {step + 1}; lower --lr or check the data")
+            losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            done = step + 1
+            if done % s.save_every == 0 or done == s.steps:
+                meta = {"step": done, "data_position": done * s.batch * s.grad_accum, "gate_config": gate_config.to_dict()}
+                manager.save(
+                    done,
+                    args=ocp.args.Composite(
+                        gates=ocp.args.StandardSave(gates),
+                        opt_state=ocp.args.StandardSave(opt_state),
+                        meta=ocp.args.JsonSave(meta),
+                    ),
+                    force=True,
+                )
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    nnx.update(model, gates)
+    from seerjax.gates_io import model_gates
+
+    save_gates(
+        s.out,
+        model_gates(model),
+        gate_config,
+        extra={"model": s.model, "data": s.data, "seq_len": s.seq_len, "steps": s.steps, "seed": s.seed},
+    )
+    final = losses[-1] if losses else float("nan")
+    return DistillResult(s.out, s.steps, final, losses, tree_bytes(gates), tree_bytes(opt_state))
