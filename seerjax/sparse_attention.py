@@ -2,15 +2,29 @@
 
 ``"pooled"`` — gate distillation: dense attention through `attention_with_pooling`, which also yields the
 layer's block max-pooled attention map (the target), plus the gate's logits on stop-gradient q and k.
+``"seer"`` — inference: gate → block selection → `block_sparse_attention`. ``"oracle"`` and the
+training-free baselines ``"streaming"``, ``"vertical_slash"``, ``"quest"``, ``"moba"`` select blocks from
+other scores with the same TopK, so all compare at matched density. Selection settings come from the
+attention config (`density` or `threshold`, `keep_first`, `dense_last_rows`, `block_size`), not from code.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from seerjax.attention import AttentionInputs, AttentionOutputs, register_attention
-from seerjax.kernels import attention_with_pooling
+from seerjax.attention import AttentionError, AttentionInputs, AttentionOutputs, register_attention
+from seerjax.kernels import attention_with_pooling, block_sparse_attention
 from seerjax.rope import apply_rope, rope_frequencies
+from seerjax.selection import (
+    SelectionConfig,
+    achieved_density,
+    moba_scores,
+    quest_scores,
+    select_blocks,
+    streaming_scores,
+    vertical_slash_scores,
+)
 
 
 def gate_rope(inputs: AttentionInputs, d_gate: int):
@@ -51,3 +65,100 @@ def pooled_attention(inputs: AttentionInputs) -> AttentionOutputs:
     if inputs.gate is not None:
         aux["gate_logits"] = gate_logits(inputs)
     return AttentionOutputs(out, aux)
+
+
+# -- sparse inference: a score source → block selection → block_sparse_attention ----------------------
+
+
+def _key_blocks_valid(inputs: AttentionInputs, block_size: int):
+    if inputs.lengths is None:
+        return None
+    nk = -(-inputs.k.shape[1] // block_size)
+    return jnp.arange(nk)[None, :] * block_size < inputs.lengths.astype(jnp.int32)[:, None]
+
+
+def _block_size(inputs: AttentionInputs) -> int:
+    if inputs.gate is not None:
+        return inputs.gate.config.block_size
+    return int(inputs.config.get("block_size", 64))
+
+
+def _sparse(inputs: AttentionInputs, scores, block_size: int, aux=None) -> AttentionOutputs:
+    cfg = SelectionConfig.from_options(inputs.config)
+    valid = _key_blocks_valid(inputs, block_size)
+    mask = select_blocks(scores, cfg, causal=inputs.causal, key_blocks_valid=valid)
+    out = block_sparse_attention(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        mask,
+        causal=inputs.causal,
+        block_size=block_size,
+        sm_scale=inputs.config.get("sm_scale"),
+        lengths=inputs.lengths,
+        implementation=inputs.config.get("implementation"),
+    )
+    aux = dict(aux or {})
+    aux["density"] = achieved_density(mask, causal=inputs.causal, key_blocks_valid=valid)
+    if inputs.config.get("return_mask"):
+        aux["mask"] = mask
+    return AttentionOutputs(out, aux)
+
+
+@register_attention("seer")
+def seer_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """SeerAttention: the layer's AttnGate scores blocks (softmax over key blocks), TopK or threshold picks."""
+    if inputs.gate is None:
+        raise AttentionError(
+            f"attention 'seer' needs AttnGates, but layer {inputs.layer} has none; load them with "
+            "seerjax.gates_io.load_gates(model, gates_dir)"
+        )
+    logits = gate_logits(inputs)
+    scores = jax.nn.softmax(logits, axis=-1)
+    aux = {"gate_logits": logits} if inputs.config.get("return_gate") else None
+    return _sparse(inputs, scores, inputs.gate.config.block_size, aux)
+
+
+@register_attention("oracle")
+def oracle_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """The upper bound: blocks picked from the true block max-pooled attention map of this very input."""
+    bs = _block_size(inputs)
+    _, pooled = attention_with_pooling(
+        inputs.q, inputs.k, inputs.v, causal=inputs.causal, block_size=bs, sm_scale=inputs.config.get("sm_scale"),
+        lengths=inputs.lengths, implementation=inputs.config.get("implementation"),
+    )
+    return _sparse(inputs, pooled, bs)
+
+
+@register_attention("streaming")
+def streaming_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """StreamingLLM: the sink block and a local window of blocks, sized to the density."""
+    bs = _block_size(inputs)
+    b, t, hq, _ = inputs.q.shape
+    nq, nk = -(-t // bs), -(-inputs.k.shape[1] // bs)
+    return _sparse(inputs, streaming_scores(b, inputs.k.shape[2], nq, nk), bs)
+
+
+@register_attention("vertical_slash")
+def vertical_slash_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """MInference-style vertical-slash pattern estimated from the last query block."""
+    bs = _block_size(inputs)
+    scores = vertical_slash_scores(inputs.q, inputs.k, bs, inputs.sm_scale, inputs.lengths)
+    return _sparse(inputs, scores, bs)
+
+
+@register_attention("quest")
+def quest_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """Quest-style: per-channel key min/max bound per block against the mean query of each block."""
+    bs = _block_size(inputs)
+    return _sparse(inputs, quest_scores(inputs.q, inputs.k, bs, inputs.lengths), bs)
+
+
+@register_attention("moba")
+def moba_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """MoBA-style: mean-pooled queries against mean-pooled keys, TopK blocks."""
+    bs = _block_size(inputs)
+    return _sparse(inputs, moba_scores(inputs.q, inputs.k, bs, inputs.lengths), bs)
+
+
+SPARSE_METHODS = ("seer", "oracle", "streaming", "vertical_slash", "quest", "moba")

@@ -1,0 +1,198 @@
+"""Block selection: from block scores `[B, H, nq, nk]` to a bool block mask, and the training-free baselines.
+
+Every selector is block-causal (bottom-right aligned: query block i sees key blocks j <= i + nk - nq) and
+keeps the diagonal block, so no query row is ever left without a key. Options keep the first key block (the
+attention sink) and make the last query blocks dense.
+
+TopK by density uses the seed's per-row budget `k = max(1, int((1 - sqrt(1 - density)) · nq))`, so that
+the selected share of the causal triangle is about `density`.
+
+Score sources, all ending in the same TopK so methods compare at matched density:
+  * ``seer``: the AttnGate's logits; * ``oracle``: the true block max-pooled attention map;
+  * ``streaming`` (StreamingLLM): the sink block plus the nearest blocks;
+  * ``vertical_slash`` (MInference): the last query block's attention, summed per key block (vertical)
+    and per block diagonal (slash);
+  * ``quest``: an upper bound of q·k per key block from its per-channel key min and max;
+  * ``moba``: mean-pooled queries against mean-pooled keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30
+
+
+class SelectionError(ValueError):
+    """Bad selection settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """How scores become a block mask. Exactly one of `density` and `threshold` is set."""
+
+    density: float | None = 0.1
+    threshold: float | None = None
+    keep_first: bool = False
+    dense_last_rows: int = 0
+
+    def __post_init__(self):
+        if (self.density is None) == (self.threshold is None):
+            raise SelectionError(
+                f"set exactly one of density and threshold, got density={self.density!r}, threshold={self.threshold!r}"
+            )
+        if self.density is not None and not 0.0 < float(self.density) <= 1.0:
+            raise SelectionError(f"density must be in (0, 1], got {self.density!r}")
+        if self.threshold is not None and not 0.0 <= float(self.threshold) < 1.0:
+            raise SelectionError(f"threshold must be in [0, 1) (a softmax score), got {self.threshold!r}")
+        if self.dense_last_rows < 0:
+            raise SelectionError(f"dense_last_rows must be >= 0, got {self.dense_last_rows}")
+
+    @classmethod
+    def from_options(cls, options) -> "SelectionConfig":
+        """From an attention_config mapping (keys `density`, `threshold`, `keep_first`, `dense_last_rows`)."""
+        threshold = options.get("threshold")
+        density = options.get("density", None if threshold is not None else 0.1)
+        return cls(
+            density=density,
+            threshold=threshold,
+            keep_first=bool(options.get("keep_first", False)),
+            dense_last_rows=int(options.get("dense_last_rows", 0)),
+        )
+
+
+def causal_blocks(nq: int, nk: int, causal: bool = True) -> jax.Array:
+    """Bool `[nq, nk]` of the blocks a query block may see."""
+    if not causal:
+        return jnp.ones((nq, nk), bool)
+    return jnp.arange(nk)[None, :] <= jnp.arange(nq)[:, None] + (nk - nq)
+
+
+def topk_budget(density: float, nq: int) -> int:
+    """The seed's per-row block budget for a target density of the causal triangle."""
+    return max(1, int((1.0 - math.sqrt(1.0 - float(density))) * nq))
+
+
+def _finish(mask, nq, nk, cfg: SelectionConfig, causal: bool, key_blocks_valid=None):
+    allowed = causal_blocks(nq, nk, causal)[None, None]
+    if key_blocks_valid is not None:
+        allowed = allowed & key_blocks_valid[:, None, None, :]
+    diag = jnp.arange(nk)[None, :] == jnp.arange(nq)[:, None] + (nk - nq)
+    mask = mask | diag[None, None]
+    if cfg.keep_first:
+        mask = mask.at[..., 0].set(True)
+    if cfg.dense_last_rows:
+        mask = mask | (jnp.arange(nq) >= nq - cfg.dense_last_rows)[None, None, :, None]
+    return mask & allowed
+
+
+def select_blocks(scores, cfg: SelectionConfig, *, causal: bool = True, key_blocks_valid=None) -> jax.Array:
+    """Bool block mask `[B, H, nq, nk]` from scores (higher = more important; any scale for TopK,
+    softmax probabilities for a threshold). `key_blocks_valid` `[B, nk]` marks blocks with real tokens."""
+    b, h, nq, nk = scores.shape
+    allowed = causal_blocks(nq, nk, causal)[None, None]
+    if key_blocks_valid is not None:
+        allowed = allowed & key_blocks_valid[:, None, None, :]
+    scores = jnp.where(allowed, scores.astype(jnp.float32), NEG)
+    if cfg.threshold is not None:
+        mask = scores > cfg.threshold
+    else:
+        k = min(topk_budget(cfg.density, nq), nk)
+        if k >= nk:
+            mask = jnp.ones(scores.shape, bool)
+        else:
+            kth = jax.lax.top_k(scores, k)[0][..., -1:]
+            # Ties at the k-th score are broken towards lower indices by ranking, so exactly k are kept.
+            order = jnp.argsort(-scores, axis=-1, stable=True)
+            rank = jnp.argsort(order, axis=-1, stable=True)
+            mask = (rank < k) & (scores >= kth)
+    return _finish(mask, nq, nk, cfg, causal, key_blocks_valid)
+
+
+def achieved_density(mask, *, causal: bool = True, key_blocks_valid=None) -> jax.Array:
+    """Selected share of the visible blocks, per batch and head: float32 `[B, H]`."""
+    b, h, nq, nk = mask.shape
+    allowed = causal_blocks(nq, nk, causal)[None, None]
+    if key_blocks_valid is not None:
+        allowed = allowed & key_blocks_valid[:, None, None, :]
+    allowed = jnp.broadcast_to(allowed, mask.shape)
+    return jnp.sum(mask & allowed, axis=(2, 3)) / jnp.maximum(jnp.sum(allowed, axis=(2, 3)), 1)
+
+
+# -- training-free score sources ----------------------------------------------------------------------
+
+
+def _pool_mean(x_bthd, bs, lengths=None):
+    from seerjax.gate import pool_blocks
+
+    return pool_blocks(x_bthd, bs, ("avg",), lengths)  # [B, n, H, D]
+
+
+def _group(q_bnhd, hkv):
+    """Mean over the query heads of each KV group: `[B, n, Hq, D]` → `[B, n, Hkv, D]`."""
+    b, n, hq, d = q_bnhd.shape
+    return q_bnhd.reshape(b, n, hkv, hq // hkv, d).mean(axis=3)
+
+
+def streaming_scores(b, h, nq, nk) -> jax.Array:
+    """Sink block first, then blocks by closeness to the diagonal."""
+    i = jnp.arange(nq)[:, None] + (nk - nq)
+    j = jnp.arange(nk)[None, :]
+    score = -(i - j).astype(jnp.float32)
+    score = jnp.where(j == 0, 1e9, score)
+    return jnp.broadcast_to(score, (b, h, nq, nk))
+
+
+def quest_scores(q_bthd, k_bshd, bs, lengths=None) -> jax.Array:
+    """Per query block (mean query) the upper bound Σ_c max(q_c·kmin_c, q_c·kmax_c) over each key block."""
+    from seerjax.gate import pool_blocks
+
+    hkv = k_bshd.shape[2]
+    qm = _group(_pool_mean(q_bthd, bs, lengths), hkv)  # [B, nq, Hkv, D]
+    kmm = pool_blocks(k_bshd, bs, ("min", "max"), lengths)  # [B, nk, Hkv, 2D]
+    d = q_bthd.shape[-1]
+    kmin, kmax = kmm[..., :d], kmm[..., d:]
+    s = jnp.maximum(qm[:, :, None] * kmin[:, None], qm[:, :, None] * kmax[:, None]).sum(-1)  # [B, nq, nk, Hkv]
+    return jnp.transpose(s, (0, 3, 1, 2))
+
+
+def moba_scores(q_bthd, k_bshd, bs, lengths=None) -> jax.Array:
+    """Mean-pooled queries · mean-pooled keys per block, per KV head."""
+    hkv = k_bshd.shape[2]
+    qm = _group(_pool_mean(q_bthd, bs, lengths), hkv)
+    km = _pool_mean(k_bshd, bs, lengths)
+    return jnp.einsum("bihd,bjhd->bhij", qm, km, precision=jax.lax.Precision.HIGHEST)
+
+
+def vertical_slash_scores(q_bthd, k_bshd, bs, sm_scale, lengths=None) -> jax.Array:
+    """MInference's estimate: attention of the last query block to all keys, per KV group; a block's score
+    is its vertical mass (its key columns) plus the mass of its block diagonal (slash)."""
+    b, t, hq, d = q_bthd.shape
+    s_len, hkv = k_bshd.shape[1], k_bshd.shape[2]
+    nq, nk = -(-t // bs), -(-s_len // bs)
+    last = min(bs, t)
+    q_last = q_bthd[:, t - last :].astype(jnp.float32).reshape(b, last, hkv, hq // hkv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_last, k_bshd.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    logits = logits * sm_scale
+    t_pos = jnp.arange(t - last, t)[:, None] + (s_len - t)
+    s_pos = jnp.arange(s_len)[None, :]
+    vis = s_pos <= t_pos
+    if lengths is not None:
+        vis = vis[None] & (s_pos[None] < lengths[:, None, None])
+        vis = vis[:, None, None]
+    probs = jax.nn.softmax(jnp.where(vis, logits, NEG), axis=-1)
+    col = probs.mean(axis=(2, 3))  # [B, Hkv, S]
+    col = jnp.pad(col, ((0, 0), (0, 0), (0, nk * bs - s_len)))
+    vertical = col.reshape(b, hkv, nk, bs).sum(-1)  # [B, Hkv, nk]
+    # Slash: mass per block-diagonal offset o = (last query block) - j, measured on the last block row.
+    off = jnp.arange(nk)[::-1]  # offset of key block j from the last query block's diagonal
+    slash_by_offset = jnp.zeros((b, hkv, nk)).at[:, :, off].set(vertical)
+    i = jnp.arange(nq)[:, None] + (nk - nq)
+    j = jnp.arange(nk)[None, :]
+    offset = jnp.clip(i - j, 0, nk - 1)
+    slash = slash_by_offset[:, :, offset]  # [B, Hkv, nq, nk]
+    return vertical[:, :, None, :] + slash
