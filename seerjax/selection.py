@@ -101,7 +101,10 @@ def select_blocks(scores, cfg: SelectionConfig, *, causal: bool = True, key_bloc
     if cfg.threshold is not None:
         mask = scores > cfg.threshold
     else:
-        k = min(topk_budget(cfg.density, nq), nk)
+        # The seed's formula counts rows of a causal triangle; with T < S rows see nk - nq more blocks, so
+        # the budget is taken over nk (the same when T == S). Without causality a row is a plain share.
+        k = topk_budget(cfg.density, nk) if causal else max(1, int(round(cfg.density * nk)))
+        k = min(k, nk)
         if k >= nk:
             mask = jnp.ones(scores.shape, bool)
         else:

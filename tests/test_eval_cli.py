@@ -1,0 +1,47 @@
+"""`seerjax eval` end to end on a tiny model: every method, results.json, table and plots."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from test_distill import _write_tiny_checkpoint
+
+
+def _run(args):
+    p = subprocess.run([sys.executable, "-m", "seerjax", *args], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_distill_then_eval_every_method(tmp_path):
+    model, text, docs = tmp_path / "model", tmp_path / "data.txt", tmp_path / "docs"
+    model.mkdir()
+    docs.mkdir()
+    _write_tiny_checkpoint(model, text)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for i in range(10):
+        (docs / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=300)))
+    common = ["--model", str(model), "--data", str(docs), "--seq-len", "256", "--dtype", "float32",
+              "--implementation", "reference", "--no-progress"]
+    _run(["distill", *common, "--steps", "4", "--block-size", "16", "--d-gate", "32", "--out", str(tmp_path / "gates")])
+    out = _run(["eval", *common, "--gates", str(tmp_path / "gates"), "--densities", "1.0,0.25", "--thresholds", "0.01",
+                "--num-sequences", "1", "--retrieval-samples", "1", "--retrieval-depths", "0.5",
+                "--out", str(tmp_path / "eval")])
+    assert "| seer |" in out
+    records = json.loads((tmp_path / "eval" / "results.json").read_text())
+    methods = {r["method"] for r in records}
+    assert methods == {"dense", "seer", "oracle", "streaming", "vertical_slash", "quest", "moba"}
+    for r in records:
+        assert set(r) >= {"method", "density", "achieved_density", "ppl", "recall", "retrieval"}
+        assert np.isfinite(r["ppl"]) and 0 <= r["recall"] <= 1 + 1e-6 and 0 <= r["retrieval"] <= 1
+    dense = next(r for r in records if r["method"] == "dense")
+    for r in records:
+        if r["density"] == 1.0:
+            assert abs(r["ppl"] - dense["ppl"]) < 1e-3 * dense["ppl"], r
+            assert r["recall"] > 0.999
+    assert (tmp_path / "eval" / "ppl_vs_density.png").stat().st_size > 1000
+    assert (tmp_path / "eval" / "gate_vs_truth.png").stat().st_size > 1000
+    assert (tmp_path / "eval" / "results.md").exists()

@@ -1,0 +1,168 @@
+"""Block selection and the sparse attention methods: density, causality, oracle recall, dense equivalence."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seerjax import sparse_attention
+from seerjax.config import ModelConfig
+from seerjax.eval.harness import EvalError, EvalSettings, block_attention_mass, mass_recall
+from seerjax.gates_io import attach_gates, gate_config_for_model
+from seerjax.kernels import attention_with_pooling
+from seerjax.model import LlamaModel
+from seerjax.selection import (
+    SelectionConfig,
+    SelectionError,
+    achieved_density,
+    causal_blocks,
+    moba_scores,
+    quest_scores,
+    select_blocks,
+    streaming_scores,
+    topk_budget,
+    vertical_slash_scores,
+)
+
+NQ = 64
+
+
+def _scores(seed=0, b=1, h=2, nq=NQ, nk=NQ):
+    return jax.random.uniform(jax.random.key(seed), (b, h, nq, nk))
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
+def test_topk_density_matches_target_and_is_causal_with_diagonal(density):
+    mask = np.asarray(select_blocks(_scores(), SelectionConfig(density=density)))
+    causal = np.tril(np.ones((NQ, NQ), bool))
+    assert not (mask & ~causal).any()
+    assert np.diagonal(mask, axis1=2, axis2=3).all()
+    got = float(achieved_density(jnp.asarray(mask)).mean())
+    assert abs(got - density) < 0.05, got
+    k = topk_budget(density, NQ)
+    assert (mask.sum(-1) <= np.minimum(np.arange(1, NQ + 1), k + 1)).all()
+
+
+def test_density_one_selects_every_visible_block_and_tail_options():
+    mask = np.asarray(select_blocks(_scores(), SelectionConfig(density=1.0)))
+    np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((NQ, NQ), bool)))
+    mask = np.asarray(select_blocks(_scores(), SelectionConfig(density=0.1, keep_first=True, dense_last_rows=2)))
+    assert mask[..., 0].all() and mask[..., -2:, :].sum() == 2 * (NQ - 1 + NQ)  # 2 heads, rows of 63 and 64 blocks
+
+
+def test_threshold_and_key_padding():
+    probs = jax.nn.softmax(jnp.where(causal_blocks(8, 8), _scores(nq=8, nk=8) * 10, -1e30), axis=-1)
+    mask = np.asarray(select_blocks(probs, SelectionConfig(density=None, threshold=0.2)))
+    want = (np.asarray(probs) > 0.2) | np.eye(8, dtype=bool)
+    np.testing.assert_array_equal(mask, want & np.tril(np.ones((8, 8), bool)))
+    valid = jnp.asarray([[True] * 5 + [False] * 3])
+    mask = np.asarray(select_blocks(_scores(nq=8, nk=8), SelectionConfig(density=1.0), key_blocks_valid=valid))
+    assert not mask[..., 5:].any()
+
+
+def test_bottom_right_alignment_for_shorter_queries():
+    mask = np.asarray(select_blocks(_scores(nq=4, nk=8), SelectionConfig(density=1.0)))
+    np.testing.assert_array_equal(mask[0, 0], np.arange(8)[None, :] <= np.arange(4)[:, None] + 4)
+
+
+def test_selection_settings_errors():
+    with pytest.raises(SelectionError, match="density"):
+        SelectionConfig(density=1.5)
+    with pytest.raises(SelectionError, match="exactly one"):
+        SelectionConfig(density=0.1, threshold=0.01)
+    with pytest.raises(SelectionError, match="threshold"):
+        SelectionConfig(density=None, threshold=2.0)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1])
+def test_baseline_scores_select_causally_at_matched_density(density):
+    key = jax.random.key(1)
+    q = jax.random.normal(key, (1, 16 * 32, 4, 32))
+    k = jax.random.normal(jax.random.key(2), (1, 16 * 32, 2, 32))
+    sources = {
+        "streaming": streaming_scores(1, 2, 32, 32),
+        "quest": quest_scores(q, k, 16),
+        "moba": moba_scores(q, k, 16),
+        "vertical_slash": vertical_slash_scores(q, k, 16, 1 / np.sqrt(32)),
+    }
+    causal = np.tril(np.ones((32, 32), bool))
+    for name, scores in sources.items():
+        assert scores.shape == (1, 2, 32, 32), name
+        mask = np.asarray(select_blocks(scores, SelectionConfig(density=density)))
+        assert not (mask & ~causal).any(), name
+        got = float(achieved_density(jnp.asarray(mask)).mean())
+        assert abs(got - density) < 0.06, (name, got)
+    stream = np.asarray(select_blocks(sources["streaming"], SelectionConfig(density=density)))
+    assert stream[..., 0].all()  # the sink
+
+
+def test_oracle_recall_is_one_at_full_density_and_falls_monotonically():
+    key = jax.random.key(0)
+    q = jax.random.normal(key, (1, 256, 2, 32)) * 2
+    k = jax.random.normal(jax.random.key(1), (1, 256, 2, 32)) * 2
+    v = jax.random.normal(jax.random.key(2), (1, 256, 2, 32))
+    _, pooled = attention_with_pooling(q, k, v, block_size=16, implementation="reference")
+    mass = block_attention_mass(q, k, causal=True, block_size=16, sm_scale=1 / np.sqrt(32))
+    np.testing.assert_allclose(np.asarray(mass.sum(-1)), 1.0, rtol=1e-5)
+    recalls = []
+    for d in (1.0, 0.75, 0.5, 0.25, 0.1, 0.05):
+        mask = select_blocks(pooled, SelectionConfig(density=d))
+        recalls.append(float(mass_recall(mask, mass)))
+    assert recalls[0] == pytest.approx(1.0, abs=1e-6)
+    assert all(a >= b - 1e-6 for a, b in zip(recalls, recalls[1:])), recalls
+    assert recalls[-1] < 0.9
+
+
+def _tiny_model():
+    cfg = ModelConfig(model_type="llama", vocab_size=257, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=32)
+    model = LlamaModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return model
+
+
+@pytest.mark.parametrize("heads", ["query", "kv"])
+def test_every_method_at_density_one_gives_dense_logits(heads):
+    model = _tiny_model()
+    attach_gates(model, gate_config_for_model(model.config, block_size=16, d_gate=32, heads=heads))
+    ids = jax.random.randint(jax.random.key(0), (2, 100), 0, 256)
+    lengths = jnp.asarray([100, 70])
+    with jax.default_matmul_precision("highest"):
+        dense = model(ids, attention="reference", lengths=lengths)
+        for method in sparse_attention.SPARSE_METHODS:
+            opts = {"density": 1.0, "implementation": "reference", "block_size": 16}
+            logits, aux = model.forward(ids, attention=method, attention_config=opts, lengths=lengths)
+            np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), atol=1e-4, err_msg=method)
+            assert all(float(a["density"].min()) == 1.0 for a in aux), method
+            sparse, _ = model.forward(ids, attention=method, attention_config={**opts, "density": 0.1}, lengths=lengths)
+            assert np.isfinite(np.asarray(sparse)).all(), method
+
+
+def test_seer_without_gates_is_a_clear_error():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="needs AttnGates"):
+        model(jnp.zeros((1, 32), jnp.int32), attention="seer")
+
+
+def test_eval_settings_errors():
+    with pytest.raises(EvalError, match="unknown methods"):
+        EvalSettings(model="m", gates="g", data="d", seq_len=128, out="o", methods=("seer", "bogus"))
+    with pytest.raises(EvalError, match="densities"):
+        EvalSettings(model="m", gates="g", data="d", seq_len=128, out="o", densities=(0.0,))
+    with pytest.raises(EvalError, match="needs --gates"):
+        EvalSettings(model="m", gates=None, data="d", seq_len=128, out="o")
+    with pytest.raises(EvalError, match="shorter than one block"):
+        EvalSettings(model="m", gates="g", data="d", seq_len=16, out="o")
+
+
+def test_eval_cli_bad_flags_exit_with_a_message(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "seerjax", "eval", "--model", "m", "--data", "d", "--seq-len", "128",
+                        "--out", str(tmp_path), "--methods", "seer,nope", "--gates", "g"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "unknown methods ['nope']" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "seerjax", "eval", "--model", "m", "--data", "d", "--seq-len", "128",
+                        "--out", str(tmp_path), "--densities", "0.5,abc"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "comma-separated numbers" in p.stderr
