@@ -1,0 +1,36 @@
+"""`seerjax pretrain`: train a small byte-level Llama-architecture base model from scratch."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory: checkpoints, metrics.jsonl, model/ (HF format)")
+    p.add_argument("--preset", default="mini", choices=("tiny", "mini", "small"), help="model size (mini: CPU, small: GPU)")
+    p.add_argument("--data", default="embedded", help="SOURCE of training documents (default: the embedded corpus)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype; parameters and optimizer state stay float32")
+    p.add_argument("--retrieval-docs", type=int, default=2000, help="synthetic passkey / key-value documents mixed in")
+    p.add_argument("--attention", default=None, help="attention function (default: cudnn on GPU, reference on CPU)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from seerjax.train.pretrain import PretrainSettings, pretrain
+
+    s = PretrainSettings(
+        out=args.out, preset=args.preset, data=args.data, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
+        lr=args.lr, warmup=args.warmup, save_every=args.save_every, seed=args.seed, dtype=args.dtype,
+        retrieval_docs=args.retrieval_docs, attention=args.attention, progress=not args.no_progress,
+    )
+    summary = pretrain(s)
+    print(f"pretrained {summary['params']:,} parameters for {summary['steps']} steps in {summary['seconds']:.0f} s, "
+          f"final loss {summary['final_loss']:.3f}; model in {summary['model']}")
+    return 0

@@ -1,0 +1,136 @@
+"""The embedded corpus: real long human-written documents every machine has offline.
+
+Source: the Python standard library of the running interpreter (`sysconfig.get_paths()["stdlib"]`, without
+site-packages): about 1,900 source and text files, 32 MB for CPython 3.11, of which about 470 exceed 16k
+bytes (16k tokens for the byte-level models). It is human-written, long-range structured (definitions used
+thousands of lines later, docstrings, cross references), identical on every machine with the same
+CPython minor version, and needs no network. Documents are whole files, in sorted path order; the
+held-out split is chosen by a hash of the relative path, so it is stable across machines and runs.
+
+Mixed in for pretraining: synthetic retrieval documents (passkey and key–value recall) whose haystack is
+corpus text, so the base model learns long-range retrieval and the retrieval test means something.
+
+The prepared corpus is cached with `datasets` (`save_to_disk`) under `~/.cache/seerjax/corpus-<tag>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+
+import numpy as np
+
+SUFFIXES = (".py", ".txt", ".rst")
+HELDOUT_PERCENT = 5
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def corpus_files(root: str | None = None) -> list[str]:
+    """Relative paths of the corpus files under the stdlib root, sorted."""
+    root = root or stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "dist-packages"))
+        for f in sorted(filenames):
+            if f.endswith(SUFFIXES):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return sorted(out)
+
+
+def is_heldout(relpath: str) -> bool:
+    return int(hashlib.sha256(relpath.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("SEERJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "seerjax"))
+    import sys
+
+    return os.path.join(base, f"corpus-stdlib-{sys.version_info.major}.{sys.version_info.minor}")
+
+
+def build(cache_dir: str | None = None):
+    """Reads the corpus into a `datasets.DatasetDict` with splits `train` and `heldout` (columns path, text)."""
+    import datasets
+
+    cache_dir = cache_dir or _cache_dir()
+    manifest_path = os.path.join(cache_dir, "manifest.json")
+    root = stdlib_root()
+    files = corpus_files(root)
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            if json.load(f).get("files_sha256") == digest:
+                return datasets.load_from_disk(os.path.join(cache_dir, "data"))
+    rows = {"train": {"path": [], "text": []}, "heldout": {"path": [], "text": []}}
+    for rel in files:
+        with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if len(text) < 256:
+            continue
+        split = "heldout" if is_heldout(rel) else "train"
+        rows[split]["path"].append(rel)
+        rows[split]["text"].append(text)
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()})
+    os.makedirs(cache_dir, exist_ok=True)
+    dd.save_to_disk(os.path.join(cache_dir, "data"))
+    total = sum(len(t) for v in rows.values() for t in v["text"])
+    with open(manifest_path, "w") as f:
+        json.dump({"root": root, "files_sha256": digest, "documents": len(files), "bytes": total}, f, indent=2)
+    return dd
+
+
+def load_embedded(split: str = "train"):
+    """The `train`, `heldout` or `all` split as a `datasets.Dataset` with a `text` column."""
+    import datasets
+
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"embedded corpus split must be 'train', 'heldout' or 'all', got {split!r}")
+    dd = build()
+    if split == "all":
+        return datasets.concatenate_datasets([dd["train"], dd["heldout"]])
+    return dd[split]
+
+
+# -- synthetic retrieval documents ---------------------------------------------------------------------
+
+
+def passkey_document(rng: np.random.Generator, haystack: str, length_chars: int) -> str:
+    """A passkey document: haystack text with a key sentence at a random depth, then the question and answer.
+
+    Same phrasing as the evaluation's passkey test, so pretraining teaches exactly the skill it measures.
+    """
+    key = int(rng.integers(10000, 99999))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    tail = f" What is the pass key? The pass key is {key}"
+    body = max(length_chars - len(needle) - len(tail), 0)
+    hay = (haystack * (1 + body // max(len(haystack), 1)))[:body]
+    at = int(rng.integers(0, body + 1))
+    return hay[:at] + needle + hay[at:] + tail
+
+
+def kv_document(rng: np.random.Generator, pairs: int) -> str:
+    """Key–value recall: random keys with values, then a few keys asked again."""
+    keys = [f"{int(x):06x}" for x in rng.integers(0, 16**6, size=pairs)]
+    values = [str(int(x)) for x in rng.integers(1000, 9999, size=pairs)]
+    body = " ".join(f"key {k} value {v}." for k, v in zip(keys, values))
+    asks = rng.choice(pairs, size=min(4, pairs), replace=False)
+    return body + " " + " ".join(f"The value of key {keys[i]} is {values[i]}." for i in asks)
+
+
+def retrieval_documents(n: int, texts: list[str], length_chars: int, seed: int = 0) -> list[str]:
+    """n synthetic documents, half passkey (haystacks cut from `texts`), half key–value recall."""
+    rng = np.random.default_rng([seed, 4242])
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            src = texts[int(rng.integers(0, len(texts)))]
+            start = int(rng.integers(0, max(len(src) - length_chars, 1)))
+            out.append(passkey_document(rng, src[start : start + length_chars], length_chars))
+        else:
+            out.append(kv_document(rng, max(4, length_chars // 40)))
+    return out
