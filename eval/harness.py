@@ -47,6 +47,7 @@ class EvalSettings:
     dtype: str = "bfloat16"
     implementation: str | None = None
     heldout_fraction: float = 0.1
+    all_heldout: bool = False  # the data source is already held out: evaluate all of it
     seed: int = 0
     plot_layer: int = 0
     plot_head: int = 0
@@ -188,11 +189,14 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
         block_size = gate_config.block_size
     if heldout is None:
         docs = tokenize_documents(load_texts(s.data), tokenizer)
-        heldout = split_documents(docs, s.heldout_fraction, seed=s.seed)[1] if len(docs) > 1 else docs
+        if not s.all_heldout and len(docs) > 1:
+            docs = split_documents(docs, s.heldout_fraction, seed=s.seed)[1]
+        heldout = docs
     sequences = _heldout_sequences(heldout, s.seq_len, s.num_sequences, int(getattr(tokenizer, "eos_token_id", 0) or 0))
     rng = np.random.default_rng(s.seed)
+    filler = max(heldout, key=len)  # real held-out text as the haystack
     retrieval = [
-        passkey_sample(tokenizer, L, depth, rng)
+        passkey_sample(tokenizer, L, depth, rng, filler_ids=filler)
         for L in (s.retrieval_lengths or (s.seq_len,))
         for depth in s.retrieval_depths
         for _ in range(s.retrieval_samples)

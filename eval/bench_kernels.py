@@ -1,0 +1,146 @@
+"""Kernel benchmark (GPU): block-sparse and pooled attention against JAX's cuDNN dense attention.
+
+Llama-3-8B attention shape by default (B 1, 32 query / 8 KV heads, D 128, bf16, causal). For each length:
+cuDNN dense forward and forward+backward; `block_sparse_attention` at each density (random masks that keep
+the diagonal, per query head or per KV head) forward and forward+backward; `attention_with_pooling`.
+Times are medians of CUDA-synchronized wall-clock runs after warm-up, on fresh random inputs. TFLOP/s count
+the work actually done (visible, selected query-key pairs; backward = 2.5× forward).
+
+    python eval/bench_kernels.py --lengths 8192,32768,131072 --densities 1.0,0.5,0.1 --json OUT/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _time(fn, *args, warmup=3, reps=10) -> float:
+    """Median milliseconds of `fn(*args)` (jitted), synchronized."""
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def random_mask(key, b, h, nq, nk, density):
+    """Bool `[b, h, nq, nk]`: the diagonal plus random causal blocks at the seed's TopK budget."""
+    from seerjax.selection import SelectionConfig, select_blocks
+
+    scores = jax.random.uniform(key, (b, h, nq, nk))
+    return select_blocks(scores, SelectionConfig(density=density))
+
+
+def visible_pairs(mask, t, s, bs, causal=True) -> float:
+    """Query-key pairs inside selected blocks that the causal mask leaves visible, summed over heads."""
+    m = np.asarray(mask).astype(np.int64)
+    nq, nk = m.shape[-2:]
+    rows = np.minimum(bs, t - np.arange(nq) * bs)
+    cols = np.minimum(bs, s - np.arange(nk) * bs)
+    full = rows[:, None] * cols[None, :]
+    diag = np.arange(nk)[None, :] == np.arange(nq)[:, None] + (nk - nq)
+    pairs = np.where(diag, rows[:, None] * (rows[:, None] + 1) // 2, full) if causal else full
+    return float((m * pairs[None, None]).sum())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="8192,32768,131072")
+    p.add_argument("--densities", default="1.0,0.5,0.1")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--mask-heads", default="query", choices=("query", "kv"))
+    p.add_argument("--implementation", default=None)
+    p.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--backward-max-len", type=int, default=32768, help="skip backward above this length")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from seerjax.kernels import attention_with_pooling, block_sparse_attention
+
+    b, hq, hkv, d, bs = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size
+    rows = []
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}, jax {jax.__version__}, {datetime.date.today()}")
+    for t in [int(x) for x in args.lengths.split(",")]:
+        key = jax.random.key(t)
+        kq, kk, kv, km, kg = jax.random.split(key, 5)
+        q = jax.random.normal(kq, (b, t, hq, d), jnp.bfloat16)
+        k = jax.random.normal(kk, (b, t, hkv, d), jnp.bfloat16)
+        v = jax.random.normal(kv, (b, t, hkv, d), jnp.bfloat16)
+        do = jax.random.normal(kg, (b, t, hq, d), jnp.bfloat16)
+        nq = -(-t // bs)
+        dense_pairs = b * hq * t * (t + 1) / 2
+        dense_flops = 4 * d * dense_pairs
+
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        ms_dense = _time(cudnn, q, k, v, reps=args.reps)
+        rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="fwd", ms=ms_dense, tflops=dense_flops / ms_dense / 1e9))
+        ms_dense_bwd = None
+        do_bwd = args.backward and t <= args.backward_max_len
+        if do_bwd:
+            def dense_loss(q, k, v):
+                return jnp.sum(cudnn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+            g = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2)))
+            ms_fb = _time(g, q, k, v, reps=args.reps)
+            ms_dense_bwd = ms_fb - ms_dense
+            rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="bwd", ms=ms_dense_bwd,
+                             tflops=2.5 * dense_flops / ms_dense_bwd / 1e9))
+
+        pooled = jax.jit(lambda q, k, v: attention_with_pooling(q, k, v, block_size=bs, implementation=args.implementation))
+        ms = _time(pooled, q, k, v, reps=args.reps)
+        rows.append(dict(T=t, kernel="attention_with_pooling", density=1.0, pass_="fwd", ms=ms,
+                         tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
+
+        for dens in [float(x) for x in args.densities.split(",")]:
+            mask = random_mask(km, b, hq if args.mask_heads == "query" else hkv, nq, nq, dens)
+            pairs = visible_pairs(mask, t, t, bs) * (hq // mask.shape[1])
+            flops = 4 * d * pairs
+            sparse = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, block_size=bs, implementation=args.implementation))
+            ms = _time(sparse, q, k, v, mask, reps=args.reps)
+            rows.append(dict(T=t, kernel=f"block_sparse ({args.mask_heads} masks)", density=dens, pass_="fwd", ms=ms,
+                             tflops=flops / ms / 1e9, speedup=ms_dense / ms))
+            if do_bwd:
+                def sparse_loss(q, k, v, m):
+                    out = block_sparse_attention(q, k, v, m, block_size=bs, implementation=args.implementation)
+                    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+                g = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))
+                ms_fb = _time(g, q, k, v, mask, reps=args.reps)
+                ms_b = ms_fb - ms
+                rows.append(dict(T=t, kernel=f"block_sparse ({args.mask_heads} masks)", density=dens, pass_="bwd", ms=ms_b,
+                                 tflops=2.5 * flops / ms_b / 1e9, speedup=ms_dense_bwd / ms_b))
+        del q, k, v, do
+
+    print(f"\n| T | kernel | density | pass | ms | TFLOP/s | speedup vs cuDNN |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        sp = r.get("speedup") or (1 / r["vs_cudnn"] if "vs_cudnn" in r else 1.0)
+        print(f"| {r['T']} | {r['kernel']} | {r['density']} | {r['pass_']} | {r['ms']:.3f} | {r['tflops']:.0f} | {sp:.2f}× |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
+                       "args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Prefill benchmark (GPU): time to first token of a Llama-3.1-8B-shaped model, dense vs SeerAttention.
+
+The forward runs over the whole prompt and produces the last position's logits only, as a server does.
+Random bf16 weights with the real config's sizes; random gates (per query head, d_gate 128, block 64), whose
+scores pick blocks by TopK at each density. Gate + selection time is also measured apart (one layer's gate
+and TopK on that layer's q/k shapes, times the number of layers).
+
+    python eval/bench_prefill.py --lengths 32768,65536,131072 --densities 0.5,0.1 --json OUT/prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+LLAMA31_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+    rope_theta=500000.0, tie_word_embeddings=False,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+
+
+def _time(fn, *args, warmup=2, reps=5) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="32768,65536,131072")
+    p.add_argument("--densities", default="0.5,0.1")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller runs)")
+    p.add_argument("--gate-heads", default="query", choices=("query", "kv"))
+    p.add_argument("--implementation", default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from flax import nnx
+
+    from seerjax import sparse_attention
+    from seerjax.config import ModelConfig
+    from seerjax.gates_io import attach_gates, gate_config_for_model
+    from seerjax.model import random_model
+    from seerjax.selection import SelectionConfig, select_blocks
+
+    hf = dict(LLAMA31_8B)
+    if args.layers:
+        hf["num_hidden_layers"] = args.layers
+    cfg = ModelConfig.from_hf_dict(hf)
+    model = random_model(cfg, dtype=jnp.bfloat16)
+    gate_cfg = gate_config_for_model(cfg, block_size=64, d_gate=128, heads=args.gate_heads)
+    attach_gates(model, gate_cfg)
+    graphdef, state = nnx.split(model)
+
+    def make(attention, options):
+        @jax.jit
+        def ttft(state, ids):
+            m = nnx.merge(graphdef, state)
+            logits = m.forward(ids, attention=attention, attention_config=options, return_aux=False, last_only=True)
+            return logits
+
+        return ttft
+
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}, jax {jax.__version__}, {datetime.date.today()}, {cfg.num_layers} layers")
+    rows = []
+    for t in [int(x) for x in args.lengths.split(",")]:
+        ids = jax.random.randint(jax.random.key(t), (1, t), 0, cfg.vocab_size)
+        ms_dense = _time(make("cudnn", {}), state, ids, reps=args.reps)
+        rows.append(dict(T=t, method="dense (cuDNN)", density=1.0, ms=ms_dense, speedup=1.0))
+        # Gate + selection alone, on one layer's shapes, times the layers.
+        gate = model.layers[0].attn.gate
+        qn = jax.random.normal(jax.random.key(1), (1, t, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+        kn = jax.random.normal(jax.random.key(2), (1, t, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+        from seerjax.rope import apply_rope, rope_frequencies
+
+        inv, sc = rope_frequencies(cfg.rope, gate_cfg.d_gate)
+        for dens in [float(x) for x in args.densities.split(",")]:
+            ms = _time(make("seer", {"density": dens, "implementation": args.implementation}), state, ids, reps=args.reps)
+
+            @jax.jit
+            def gate_select(qn, kn):
+                logits = gate(qn, kn, rope=lambda x, pos: apply_rope(x, pos, inv, sc))
+                return select_blocks(jax.nn.softmax(logits, -1), SelectionConfig(density=dens))
+
+            ms_gate = _time(gate_select, qn, kn, reps=args.reps) * cfg.num_layers
+            rows.append(dict(T=t, method="seer", density=dens, ms=ms, speedup=ms_dense / ms, gate_select_ms=ms_gate))
+        del ids, qn, kn
+
+    print("\n| T | method | density | TTFT ms | speedup | gate+select ms (all layers) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        g = f"{r['gate_select_ms']:.1f}" if "gate_select_ms" in r else ""
+        print(f"| {r['T']} | {r['method']} | {r['density']} | {r['ms']:.1f} | {r['speedup']:.2f}× | {g} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
+                       "args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
