@@ -210,10 +210,10 @@ class AttnGate(nnx.Module):
         # Logical axes: gate heads follow the model's head sharding; in/out channels stay whole.
         q_axes = ("kv_heads" if c.heads == "kv" else "q_heads", None, None)
         self.mask_linear_q = (
-            GateParam(init(rngs.params(), q_shape, param_dtype), logical_axes=q_axes) if c.has_q_linear else None
+            GateParam(init(rngs.params(), q_shape, param_dtype), out_sharding=q_axes, eager_sharding=False) if c.has_q_linear else None
         )
         k_axes = ("kv_heads" if k_heads == c.num_kv_heads else "q_heads", None, None)
-        self.mask_linear_k = GateParam(init(rngs.params(), (k_heads, nkp * c.head_dim, c.d_gate), param_dtype), logical_axes=k_axes)
+        self.mask_linear_k = GateParam(init(rngs.params(), (k_heads, nkp * c.head_dim, c.d_gate), param_dtype), out_sharding=k_axes, eager_sharding=False)
 
     def __call__(
         self,

@@ -89,7 +89,11 @@ HF_KEY_MAP: dict[str, tuple[tuple, Layout]] = {
     _LAYER + "mlp.down_proj.weight": (("layers", "{i}", "mlp", "down_proj"), Layout("linear", 1)),
 }
 # Non-parameter buffers some older checkpoints saved; transformers ignores them too.
-IGNORED_KEYS = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
+IGNORED_KEYS = (
+    re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+    # SeerAttention gates saved inside a model checkpoint load separately (seerjax.gates_io.load_gates).
+    re.compile(r"model\.layers\.\d+\.self_attn\.attn_gate\..*"),
+)
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 
 
