@@ -1,0 +1,384 @@
+"""Pallas (Triton lowering) flash attention that also emits the block max-pooled probability map.
+
+Contract: `attention_with_pooling_reference` in reference.py (DESIGN.md, Contracts).
+
+Design. The max of the probabilities `exp(s[t, u] - lse[t])` over the keys u of a block only
+needs the row's max logit in that block: `max_u exp(s[t, u] - lse[t]) = exp(max_u s[t, u] -
+lse[t])`. One program per (query head, batch, tile of `block_q` query rows) runs two loops over
+the same visible key tiles of `block_k` rows:
+
+  1. flash attention (online softmax, base 2 with log2(e) folded into the scale): out, m, l,
+     hence the exact lse of every row;
+  2. recompute `q kᵀ` per key tile, take each row's max logit, `exp2(rowmax - lse)` (one exp per
+     row, not per element), max over the rows of each pooling block in the tile, and store
+     those scalars into the pooled map.
+
+Loop 2 costs one extra `q kᵀ` matmul per visible tile, no exp per element and no `[T, nk]`
+buffer. Rows that must not count (padding of T, rows >= lengths[b]) get lse = +inf in loop 2,
+so they contribute exp2(-inf) = 0; they get zero output and lse = -inf.
+
+Each loop is split into the key tiles every row of the program sees entirely (no mask) and the
+few boundary tiles (causal diagonal, the tile holding min(S, lengths[b])) that are masked. Key
+tiles no row can see are never visited: the pooled row beyond them is zero-filled with wide
+masked stores, so every output element is written exactly once.
+
+Tiles (`Tiling`, `default_tiling`). block_k divides the pooling block, so a key tile never
+straddles two pooled columns; it is the block itself unless a K tile would pass 32 KiB (float32
+with block * D > 8192, or D = 256 at block 128). block_q may hold several pooling blocks (128
+query rows for 16-bit inputs with 64-row blocks, FlashAttention-2's forward tile: half the K/V
+traffic and larger MMAs than 64 rows); each program then writes one pooled row per block. When
+block_q or block_k is smaller than the block, the kernel writes a finer map and the wrapper
+max-reduces it (exact: a max of maxes).
+
+GQA: the K/V BlockSpec maps query head h to kv head h // G; K/V are never repeated. The grid is
+(Hq, B, query tiles) with the head axis fastest and the query-tile axis slowest and reversed:
+the programs with the longest causal rows start first, and the G heads of a group run side by
+side on the same K/V tiles, so K/V reuse comes from L2. (One program per group would need G
+times the accumulator registers of a G * block_q-row tile.)
+
+T and S are padded with zeros outside the kernel to whole tiles (only when they are not already)
+and masked inside; outputs are sliced back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from seerjax.kernels.checks import AttentionShape, KernelInputError
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# Finite, so a fully masked row gives exp2(mask - mask) = 1 (discarded later) instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Widest zero-fill store for the invisible tail of a pooled row.
+_MAX_FILL = 128
+# Bytes of one K (or V) tile; above this the key tile is halved so pipelined K/V stages fit in
+# shared memory (float32 with block * D > 8192; 16-bit with D = 256 at block 128).
+_MAX_TILE_BYTES = 32 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Launch configuration of the kernel (tuning knob; `default_tiling` picks one).
+
+    block_q: query rows per program, a power of 2 in [16, 256]; a multiple of block_size (each
+      program then pools block_q // block_size query blocks) or a divisor of it (the wrapper
+      max-reduces the finer map).
+    block_k: key rows per inner step, a power of 2 >= 16 dividing block_size.
+    num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tiling(shape: AttentionShape, dtype) -> Tiling:
+    """Key tile = the pooling block (halved while one K tile is over 32 KiB). Query tile = 128
+    rows for 16-bit inputs with 64-row key tiles (FlashAttention-2's 128 x 64 forward tile) when
+    that needs no more padding of T than the block does; else the key tile."""
+    itemsize = jnp.dtype(dtype).itemsize
+    block_k = shape.block_size
+    while block_k > 16 and block_k * shape.head_dim * itemsize > _MAX_TILE_BYTES:
+        block_k //= 2
+    block_q = block_k
+    t_pad = -(-shape.q_len // shape.block_size) * shape.block_size
+    if itemsize <= 2 and shape.head_dim <= 128 and block_k >= 64 and t_pad % 128 == 0:
+        block_q = max(block_k, 128)
+    num_warps = 8 if block_q * shape.head_dim >= 128 * 128 else 4
+    num_stages = 3 if 2 * block_k * shape.head_dim * itemsize <= 32 * 1024 else 2
+    return Tiling(block_q, block_k, num_warps, num_stages)
+
+
+def _check_tiling(tiling: Tiling, shape: AttentionShape) -> None:
+    def pow2(x, lo, hi):
+        return isinstance(x, int) and lo <= x <= hi and x & (x - 1) == 0
+
+    bs = shape.block_size
+    ok = (
+        pow2(tiling.block_q, 16, 256)
+        and pow2(tiling.block_k, 16, bs)
+        and pow2(tiling.num_warps, 1, 16)
+        and isinstance(tiling.num_stages, int)
+        and tiling.num_stages >= 1
+    )
+    if not ok:
+        raise KernelInputError(
+            f"tiling must have power-of-2 block_q in [16, 256], block_k in [16, block_size={bs}], "
+            f"num_warps in [1, 16] and num_stages >= 1; got {tiling}"
+        )
+
+
+def _dot_qk(q, k):
+    """`q @ kᵀ` in float32; HIGHEST keeps float32 inputs off TF32 on GPU."""
+    return lax.dot_general(
+        q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+
+
+def _dot_pv(p, v):
+    return lax.dot_general(
+        p, v, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+
+
+def _pooling_kernel(
+    *refs,
+    shape: AttentionShape,
+    block_q: int,
+    block_k: int,
+    group_rows: int,
+    num_q_tiles: int,
+    pooled_width: int,
+    fill: int,
+    has_lengths: bool,
+    masks_rows: bool,
+    num_aliased: int,
+):
+    """One query tile. refs: q [block_q, D]; k, v [S_pad, D]; (length []); (aliased outputs);
+    out [block_q, D]; lse [block_q]; pooled [groups, pooled_width]: one row per `group_rows`
+    query rows, one column per key tile, zero padded to a multiple of `fill`."""
+    q_ref, k_ref, v_ref, *refs = refs
+    length_ref = refs.pop(0) if has_lengths else None
+    out_ref, lse_ref, pooled_ref = refs[num_aliased:]
+    groups = block_q // group_rows
+
+    i = num_q_tiles - 1 - pl.program_id(2)  # longest causal rows first
+    first_row = i * block_q
+    scale2 = shape.sm_scale * _LOG2E
+    causal_offset = shape.kv_len - shape.q_len  # a multiple of block_size when causal
+
+    if has_lengths:
+        length = length_ref[...].astype(jnp.int32)
+        kv_limit = jnp.clip(length, 0, shape.kv_len)
+        q_limit = jnp.clip(length, 0, shape.q_len)
+        num_kv = lax.div(kv_limit + (block_k - 1), block_k)
+        num_kv_full = lax.div(kv_limit, block_k)
+    else:
+        kv_limit, q_limit = shape.kv_len, shape.q_len
+        num_kv, num_kv_full = -(-kv_limit // block_k), kv_limit // block_k
+    if shape.causal:
+        # Key tile j is seen by the last row iff j * block_k <= last_row + offset, by every row
+        # iff (j + 1) * block_k - 1 <= first_row + offset.
+        n_end = jnp.minimum(lax.div(first_row + (block_q - 1 + causal_offset), block_k) + 1, num_kv)
+        n_full = jnp.minimum(lax.div(first_row + (causal_offset + 1), block_k), num_kv_full)
+    else:
+        n_end, n_full = jnp.int32(num_kv), jnp.int32(num_kv_full)
+    if masks_rows:  # a tile made only of padding rows visits nothing
+        n_end = jnp.where(first_row < q_limit, n_end, 0)
+    n_end = n_end.astype(jnp.int32)
+    n_full = jnp.minimum(n_full, n_end).astype(jnp.int32)
+
+    rows = first_row + jnp.arange(block_q, dtype=jnp.int32)  # query positions of this tile
+    mask_kv_limit = has_lengths or shape.kv_len % block_k != 0
+
+    def visible(j):
+        """[block_q, block_k] visibility of key tile j (only called for boundary tiles)."""
+        cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        vis = jnp.ones((block_q, block_k), jnp.bool_)
+        if shape.causal:
+            vis = cols[None, :] <= rows[:, None] + causal_offset
+        if mask_kv_limit:
+            vis = vis & (cols[None, :] < kv_limit)
+        return vis
+
+    def kv_tile(ref, j):
+        return ref[pl.ds(pl.multiple_of(j * block_k, block_k), block_k), :]
+
+    q = q_ref[...]
+
+    # Loop 1: flash attention. m, l in the base-2 domain of the scaled logits.
+    def flash_step(j, carry, masked):
+        acc, m, l = carry
+        qk = _dot_qk(q, kv_tile(k_ref, j))
+        if masked:
+            s = jnp.where(visible(j), qk * scale2, _MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp2(s - m_new[:, None])
+        else:  # scale > 0 commutes with max; qk * scale2 - m fuses into one FMA
+            m_new = jnp.maximum(m, jnp.max(qk, axis=1) * scale2)
+            p = jnp.exp2(qk * scale2 - m_new[:, None])
+        alpha = jnp.exp2(m - m_new)
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = kv_tile(v_ref, j)
+        acc = acc * alpha[:, None] + _dot_pv(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    carry = (
+        jnp.zeros((block_q, shape.head_dim), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    carry = lax.fori_loop(jnp.int32(0), n_full, functools.partial(flash_step, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(flash_step, masked=True), carry)
+
+    l_safe = jnp.where(l > 0, l, 1.0)  # l == 0 only for rows of a tile that visited nothing
+    lse2 = m + jnp.log2(l_safe)
+    out = acc * (1.0 / l_safe)[:, None]
+    pool_lse2 = lse2
+    if masks_rows:
+        row_valid = rows < q_limit
+        out = jnp.where(row_valid[:, None], out, 0.0)
+        lse_ref[...] = jnp.where(row_valid, lse2 * _LN2, -jnp.inf)
+        pool_lse2 = jnp.where(row_valid, lse2, jnp.inf)  # exp2(x - inf) = 0: row does not count
+    else:
+        lse_ref[...] = lse2 * _LN2
+    out_ref[...] = out.astype(out_ref.dtype)
+
+    # Loop 2: pooled[g, j] = max over the rows of group g of exp2(rowmax_j - lse).
+    local = jnp.arange(block_q, dtype=jnp.int32)
+    in_group = [(local >= g * group_rows) & (local < (g + 1) * group_rows) for g in range(groups)]
+
+    def pool_step(j, carry, masked):
+        qk = _dot_qk(q, kv_tile(k_ref, j))
+        if masked:
+            row_max = jnp.max(jnp.where(visible(j), qk * scale2, _MASK_VALUE), axis=1)
+        else:
+            row_max = jnp.max(qk, axis=1) * scale2
+        prob = jnp.exp2(row_max - pool_lse2)
+        if groups == 1:
+            pooled_ref[0, j] = jnp.max(prob)
+        else:
+            for g in range(groups):
+                pooled_ref[g, j] = jnp.max(jnp.where(in_group[g], prob, 0.0))
+        return carry
+
+    lax.fori_loop(jnp.int32(0), n_full, functools.partial(pool_step, masked=False), None)
+    lax.fori_loop(n_full, n_end, functools.partial(pool_step, masked=True), None)
+
+    # Zero the key tiles never visited, in aligned chunks of `fill` (disjoint from the above).
+    def fill_step(c, carry):
+        idx = c * fill + jnp.arange(fill, dtype=jnp.int32)
+        chunk = pooled_ref.at[:, pl.ds(pl.multiple_of(c * fill, fill), fill)]
+        unvisited = jnp.broadcast_to((idx >= n_end)[None, :], (groups, fill))
+        plgpu.store(chunk, jnp.zeros((groups, fill), pooled_ref.dtype), mask=unvisited)
+        return carry
+
+    lax.fori_loop(lax.div(n_end, fill), jnp.int32(pooled_width // fill), fill_step, None)
+
+
+def _pad_seq(x, length: int):
+    """Zero-pads axis 1 of `[B, L, H, D]` to `length`, only if needed."""
+    if x.shape[1] == length:
+        return x
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "tiling", "interpret", "poison_outputs"))
+def _forward(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpret: bool, poison_outputs: bool):
+    """Returns out `[B,T,Hq,D]`, pooled float32 `[B,Hq,nq,nk]`, lse float32 `[B,Hq,T]`."""
+    b, hq, d, group, bs = shape.batch, shape.q_heads, shape.head_dim, shape.group, shape.block_size
+    block_q, block_k = tiling.block_q, tiling.block_k
+    group_rows = min(block_q, bs)  # query rows pooled into one row of the kernel's map
+    t_pad = -(-shape.q_len // max(block_q, bs)) * max(block_q, bs)
+    s_pad = shape.nk * bs
+    num_q_tiles, num_k_tiles = t_pad // block_q, s_pad // block_k
+    fill = min(_MAX_FILL, pl.next_power_of_2(num_k_tiles))
+    pooled_width = -(-num_k_tiles // fill) * fill
+
+    def q_tile(ii):
+        return num_q_tiles - 1 - ii
+
+    q_spec = pl.BlockSpec((None, block_q, None, d), lambda h, bi, ii: (bi, q_tile(ii), h, 0))
+    kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda h, bi, ii: (bi, 0, h // group, 0))
+    out_specs = [
+        q_spec,
+        pl.BlockSpec((None, None, block_q), lambda h, bi, ii: (bi, h, q_tile(ii))),
+        pl.BlockSpec((None, None, block_q // group_rows, pooled_width), lambda h, bi, ii: (bi, h, q_tile(ii), 0)),
+    ]
+    out_shapes = [
+        jax.ShapeDtypeStruct((b, t_pad, hq, d), q.dtype),
+        jax.ShapeDtypeStruct((b, hq, t_pad), jnp.float32),
+        jax.ShapeDtypeStruct((b, hq, t_pad // group_rows, pooled_width), jnp.float32),
+    ]
+    args = [_pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)]
+    in_specs = [q_spec, kv_spec, kv_spec]
+    if lengths is not None:
+        args.append(lengths.astype(jnp.int32))
+        in_specs.append(pl.BlockSpec((None,), lambda h, bi, ii: (bi,)))
+    aliases = {}
+    if poison_outputs:  # test hook: outputs start as NaN, so an unwritten element shows
+        aliases = {len(args) + n: n for n in range(len(out_shapes))}
+        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
+        in_specs += out_specs
+
+    kernel = functools.partial(
+        _pooling_kernel,
+        shape=shape,
+        block_q=block_q,
+        block_k=block_k,
+        group_rows=group_rows,
+        num_q_tiles=num_q_tiles,
+        pooled_width=pooled_width,
+        fill=fill,
+        has_lengths=lengths is not None,
+        masks_rows=lengths is not None or t_pad != shape.q_len,
+        num_aliased=len(aliases),
+    )
+    out, lse, pooled = pl.pallas_call(
+        kernel,
+        grid=(hq, b, num_q_tiles),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shapes,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=interpret,
+        name="seerjax_attention_with_pooling",
+    )(*args)
+
+    if t_pad != shape.q_len:
+        out, lse = out[:, : shape.q_len], lse[:, :, : shape.q_len]
+    if pooled_width != num_k_tiles:
+        pooled = pooled[..., :num_k_tiles]
+    row_ratio, col_ratio = bs // group_rows, bs // block_k
+    if row_ratio > 1 or col_ratio > 1:  # finer tiles than the pooling block: max of maxes
+        pooled = pooled.reshape(b, hq, t_pad // bs, row_ratio, shape.nk, col_ratio).max(axis=(3, 5))
+    if pooled.shape[2] != shape.nq:
+        pooled = pooled[:, :, : shape.nq]
+    return out, pooled, lse
+
+
+def attention_with_pooling_pallas(
+    q,
+    k,
+    v,
+    shape: AttentionShape,
+    *,
+    lengths=None,
+    return_lse=False,
+    interpret: bool,
+    tiling: Tiling | None = None,
+    poison_outputs: bool = False,
+):
+    """Attention plus the block max-pooled probability map, as one Pallas Triton kernel.
+
+    Args:
+      q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]`, validated into `shape` by `check_attention_inputs`.
+      lengths: optional int `[B]` right-padding lengths (T == S).
+      return_lse: also return the float32 natural-log lse `[B, Hq, T]` (-inf for empty rows).
+      interpret: run the kernel in Pallas interpret mode (CPU) instead of compiling it.
+      tiling: launch configuration; default `default_tiling(shape, q.dtype)`.
+      poison_outputs: test hook; outputs start as NaN so an element the kernel skips shows.
+
+    Returns:
+      `(out, pooled)` or `(out, pooled, lse)`: out `[B, T, Hq, D]` in q's dtype, pooled float32
+      `[B, Hq, nq, nk]`.
+    """
+    if tiling is None:
+        tiling = default_tiling(shape, q.dtype)
+    _check_tiling(tiling, shape)
+    out, pooled, lse = _forward(
+        q, k, v, lengths, shape=shape, tiling=tiling, interpret=bool(interpret), poison_outputs=bool(poison_outputs)
+    )
+    return (out, pooled, lse) if return_lse else (out, pooled)
