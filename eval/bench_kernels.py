@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         rows.append(dict(T=t, kernel="attention_with_pooling", density=1.0, pass_="fwd", ms=ms,
                          tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
 
-        for dens in [float(x) for x in args.densities.split(",")]:
+        for dens in [float(x) for x in args.densities.split(",") if x.strip()]:
             mask = random_mask(km, b, hq if args.mask_heads == "query" else hkv, nq, nq, dens)
             pairs = visible_pairs(mask, t, t, bs) * (hq // mask.shape[1])
             flops = 4 * d * pairs
