@@ -46,6 +46,7 @@ class EvalSettings:
     block_size: int = 64
     dtype: str = "bfloat16"
     implementation: str | None = None
+    mesh: str | None = None  # device mesh, e.g. "data=2,fsdp=2,tensor=2"; None: one device
     heldout_fraction: float = 0.1
     all_heldout: bool = False  # the data source is already held out: evaluate all of it
     seed: int = 0
@@ -187,6 +188,13 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
     if s.gates:
         gate_config = load_gates(model, s.gates)
         block_size = gate_config.block_size
+    if s.mesh:
+        from flax import nnx
+
+        from seerjax.sharding import make_mesh, put_tree, tree_shardings
+
+        state = nnx.state(model)
+        nnx.update(model, put_tree(state, tree_shardings(state, make_mesh(s.mesh))))
     if heldout is None:
         docs = tokenize_documents(load_texts(s.data), tokenizer)
         if not s.all_heldout and len(docs) > 1:
@@ -216,7 +224,7 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
             options["threshold"] = threshold
         else:
             options["density"] = density
-        attention = _dense_name(s) if method == "dense" else method
+        attention, options = _on_mesh(s, _dense_name(s) if method == "dense" else method, options)
         rec = _evaluate_setting(model, attention, options, sequences, retrieval, s, block_size)
         rec.update(method=method, density=density, threshold=threshold)
         records.append(rec)
@@ -233,6 +241,15 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
     except ImportError:
         pass
     return records
+
+
+def _on_mesh(s: EvalSettings, attention: str, options: dict) -> tuple[str, dict]:
+    """With a mesh: the per-device (shard_map) version of the attention function, the mesh in its options."""
+    if not s.mesh:
+        return attention, options
+    from seerjax.sharding import make_mesh, sharded_attention
+
+    return sharded_attention(attention), {**options, "mesh": make_mesh(s.mesh)}
 
 
 def _dense_name(s: EvalSettings) -> str:
@@ -378,7 +395,16 @@ def plot_gate_map(out: str, model, ids, s: EvalSettings, block_size: int) -> Non
 
     from seerjax.gate import gate_targets
 
-    _, aux = model.forward(jnp.asarray(ids), attention="pooled", attention_config={"implementation": s.implementation})
+    from flax import nnx
+
+    attention, options = _on_mesh(s, "pooled", {"implementation": s.implementation})
+    graphdef, state = nnx.split(model)
+
+    @jax.jit  # one program: op by op, a model on a mesh compiles hundreds of small ones
+    def pooled_aux(state, ids):
+        return nnx.merge(graphdef, state).forward(ids, attention=attention, attention_config=options)[1]
+
+    aux = pooled_aux(state, jnp.asarray(ids))
     layer = min(s.plot_layer, len(aux) - 1)
     gate_cfg = model.layers[layer].attn.gate.config
     target = np.asarray(gate_targets(aux[layer]["pooled"], gate_cfg))[0]

@@ -57,6 +57,7 @@ class DistillSettings:
     skip_fraction: float = 0.25
     dtype: str = "bfloat16"
     implementation: str | None = None
+    mesh: str | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -104,14 +105,19 @@ def make_optimizer(s: DistillSettings) -> optax.GradientTransformation:
     return optax.adamw(schedule, weight_decay=0.0)
 
 
-def make_train_step(graphdef, gate_config: GateConfig, tx, s: DistillSettings):
+def make_train_step(graphdef, gate_config: GateConfig, tx, s: DistillSettings, mesh=None, shardings=None):
     """`step(gates, opt_state, frozen, tokens[accum, B, T]) -> (gates, opt_state, loss)`, jitted, donating
-    the gates and optimizer state. Only `gates` are differentiated."""
-    attention_config = {"implementation": s.implementation}
+    the gates and optimizer state. Only `gates` are differentiated. With a `mesh`, attention runs per device
+    and `shardings` (gates, opt_state, frozen, tokens) fix the step's in and out shardings."""
+    attention, attention_config = "pooled", {"implementation": s.implementation}
+    if mesh is not None and mesh.size > 1:
+        from seerjax.sharding import sharded_attention
+
+        attention, attention_config["mesh"] = sharded_attention("pooled"), mesh
 
     def loss_fn(gates, frozen, tokens_bt):
         model = nnx.merge(graphdef, gates, frozen)
-        _, aux = model.hidden_states(tokens_bt, attention="pooled", attention_config=attention_config)
+        _, aux = model.hidden_states(tokens_bt, attention=attention, attention_config=attention_config)
         return distill_loss(aux, gate_config, loss_scale=s.loss_scale, skip_fraction=s.skip_fraction)
 
     def step(gates, opt_state, frozen, tokens_abt):
@@ -127,7 +133,13 @@ def make_train_step(graphdef, gate_config: GateConfig, tx, s: DistillSettings):
         gates = optax.apply_updates(gates, updates)
         return gates, opt_state, loss_sum / n
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    from seerjax.sharding import replicated
+
+    gates_sh, opt_sh, frozen_sh, tokens_sh = shardings
+    return jax.jit(step, donate_argnums=(0, 1), in_shardings=(gates_sh, opt_sh, frozen_sh, tokens_sh),
+                   out_shardings=(gates_sh, opt_sh, replicated(mesh)))
 
 
 def tree_bytes(tree) -> int:
@@ -175,6 +187,7 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
     """
     import orbax.checkpoint as ocp
 
+    from seerjax import sharding as shd
     from seerjax import sparse_attention  # noqa: F401  (registers the "pooled" attention)
     from seerjax.gates_io import attach_gates, save_gates
     from seerjax.train.data import load_tokenizer, packed_from_source
@@ -191,8 +204,18 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
     attach_gates(model, gate_config, seed=s.seed)
     graphdef, gates, frozen = nnx.split(model, GateParam, ...)
     tx = make_optimizer(s)
-    opt_state = tx.init(gates)
-    step_fn = make_train_step(graphdef, gate_config, tx, s)
+    mesh = shardings = None
+    if s.mesh:
+        mesh = shd.make_mesh(s.mesh)
+        shd.check_batch(s.batch, mesh)
+        gates_sh, frozen_sh = shd.tree_shardings(gates, mesh), shd.tree_shardings(frozen, mesh)
+        gates, frozen = shd.put_tree(gates, gates_sh), shd.put_tree(frozen, frozen_sh)
+        opt_sh = shd.tree_shardings(jax.eval_shape(tx.init, gates), mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(gates)
+        shardings = (gates_sh, opt_sh, frozen_sh, shd.batch_sharding(mesh, 3, batch_dim=1))
+    else:
+        opt_state = tx.init(gates)
+    step_fn = make_train_step(graphdef, gate_config, tx, s, mesh, shardings)
 
     os.makedirs(s.out, exist_ok=True)
     manager = _checkpoint_manager(s.out, s)
@@ -229,8 +252,9 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
         for step in range(start, s.steps):
             position = step * s.batch * s.grad_accum
             tokens = data.batch(position, s.batch * s.grad_accum).reshape(s.grad_accum, s.batch, s.seq_len)
+            tokens = jnp.asarray(tokens) if mesh is None else shd.put_batch(tokens, mesh, batch_dim=1)
             t0 = time.perf_counter()
-            gates, opt_state, loss = step_fn(gates, opt_state, frozen, jnp.asarray(tokens))
+            gates, opt_state, loss = step_fn(gates, opt_state, frozen, tokens)
             loss = float(loss)
             dt = time.perf_counter() - t0
             if not np.isfinite(loss):

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="poolings, e.g. Qavg_Kmaxminavg")
     p.add_argument("--dtype", default="bfloat16", help="model compute dtype (bfloat16, float32, float16)")
     p.add_argument("--implementation", default=None, help="kernel implementation (default: fastest for the platform)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4,tensor=1 (default: one device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -47,11 +48,15 @@ def settings_from_args(args):
         gate_type=args.gate_type,
         dtype=args.dtype,
         implementation=args.implementation,
+        mesh=args.mesh,
         progress=not args.no_progress,
     )
 
 
 def run(args) -> int:
+    from seerjax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     from seerjax.train.distill import distill
 
     result = distill(settings_from_args(args))

@@ -40,12 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=64, help="block size of the baselines when no gates are given")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--implementation", default=None, help="kernel implementation (default: fastest for the platform)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=1,fsdp=1,tensor=2 (default: one device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory: results.json, results.md, plots")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
+    from seerjax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     from seerjax.eval.harness import EvalSettings, run_eval
 
     settings = EvalSettings(
@@ -53,7 +57,7 @@ def run(args) -> int:
         densities=args.densities, methods=args.methods, thresholds=args.thresholds,
         num_sequences=args.num_sequences, batch=args.batch, retrieval_lengths=args.retrieval_lengths,
         retrieval_depths=args.retrieval_depths, retrieval_samples=args.retrieval_samples,
-        block_size=args.block_size, dtype=args.dtype, implementation=args.implementation, seed=args.seed,
+        block_size=args.block_size, dtype=args.dtype, implementation=args.implementation, mesh=args.mesh, seed=args.seed,
         progress=not args.no_progress,
     )
     records = run_eval(settings)
