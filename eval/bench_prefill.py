@@ -28,7 +28,7 @@ LLAMA31_8B = dict(
 )
 
 
-def _time(fn, *args, warmup=2, reps=5) -> float:
+def _time(fn, *args, warmup=1, reps=5) -> float:
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []

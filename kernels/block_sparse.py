@@ -162,9 +162,16 @@ def compact_block_lists(mask: jax.Array, full: jax.Array):
     """
     n = mask.shape[-1]
     full = jnp.broadcast_to(full, mask.shape) & mask
-    lists = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True).astype(jnp.int32)
     idx = jnp.arange(n, dtype=jnp.int32)
     count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    # A stable partition by prefix sums and one scatter: O(n) per row, where a sort (the obvious way)
+    # costs O(n log n) and, at 32k tokens, a visible share of a sparse kernel's time.
+    selected_pos = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+    other_pos = count[..., None] + jnp.cumsum(jnp.logical_not(mask), axis=-1, dtype=jnp.int32) - 1
+    pos = jnp.where(mask, selected_pos, other_pos).reshape(-1, n)
+    rows = jnp.arange(pos.shape[0], dtype=jnp.int32)[:, None]
+    lists = jnp.zeros_like(pos).at[rows, pos].set(jnp.broadcast_to(idx, pos.shape), unique_indices=True)
+    lists = lists.reshape(mask.shape)
     n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
     first_full = jnp.min(jnp.where(full, idx, n), axis=-1)
     lo = jnp.sum(mask & (idx < first_full[..., None]), axis=-1, dtype=jnp.int32)
