@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             @jax.jit
             def gate_select(qn, kn):
                 logits = gate(qn, kn, rope=lambda x, pos: apply_rope(x, pos, inv, sc))
-                return select_blocks(jax.nn.softmax(logits, -1), SelectionConfig(density=dens))
+                return select_blocks(logits, SelectionConfig(density=dens))
 
             ms_gate = _time(gate_select, qn, kn, reps=args.reps) * cfg.num_layers
             rows.append(dict(T=t, method="seer", density=dens, ms=ms, speedup=ms_dense / ms, gate_select_ms=ms_gate))

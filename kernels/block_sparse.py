@@ -187,11 +187,16 @@ def compact_block_lists(mask: jax.Array, full: jax.Array):
 
 def _dot_nt(a, b):
     """a `[m, d]` · b `[n, d]`ᵀ → float32 `[m, n]`."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # HIGHEST: float32 inputs get full-precision dots on the GPU, not TF32 (no effect on 16-bit inputs).
+    return lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
 
 
 def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
 
 
 def _row_key_limit(t_pos, valid, *, causal: bool, offset: int, has_lengths: bool):

@@ -114,7 +114,8 @@ def seer_attention(inputs: AttentionInputs) -> AttentionOutputs:
             "seerjax.gates_io.load_gates(model, gates_dir)"
         )
     logits = gate_logits(inputs)
-    scores = jax.nn.softmax(logits, axis=-1)
+    # TopK needs only the order of the logits; a threshold needs the softmax scores.
+    scores = jax.nn.softmax(logits, axis=-1) if inputs.config.get("threshold") is not None else logits
     aux = {"gate_logits": logits} if inputs.config.get("return_gate") else None
     return _sparse(inputs, scores, inputs.gate.config.block_size, aux)
 
