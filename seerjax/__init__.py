@@ -7,3 +7,6 @@ from seerjax.hf import from_pretrained, save_pretrained
 from seerjax.model import LlamaModel
 
 __all__ = ["LlamaModel", "ModelConfig", "__version__", "from_pretrained", "save_pretrained"]
+
+# Registers the SeerAttention attention functions ("pooled", "seer", "oracle" and the baselines) on the seam.
+from seerjax import sparse_attention as _sparse_attention  # noqa: E402,F401
