@@ -14,7 +14,6 @@ COMMANDS = {
     "demo": ("seerjax.commands.demo", "the whole main job on the embedded default: pretrain, distill, evaluate"),
     "logits": ("seerjax.commands.logits", "load a Hugging Face checkpoint and print next-token predictions"),
     "convert": ("seerjax.commands.convert", "load a Hugging Face checkpoint and export it again (dtype change, check)"),
-    "init": ("seerjax.commands.init", "write a randomly initialized model in Hugging Face format"),
     "distill": ("seerjax.commands.distill", "train AttnGates by self-distillation on a frozen model"),
     "eval": ("seerjax.commands.evaluate", "perplexity, attention recall and retrieval vs density per method"),
     "pretrain": ("seerjax.commands.pretrain", "pretrain a small Llama-architecture base model"),
