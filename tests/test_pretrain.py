@@ -1,0 +1,60 @@
+"""The embedded corpus and base-model pretraining."""
+
+import json
+
+import numpy as np
+import pytest
+
+from seerjax.train import corpus
+from seerjax.train.pretrain import PretrainError, PretrainSettings, pretrain
+
+
+def test_corpus_is_large_long_and_split_by_document(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEERJAX_CACHE", str(tmp_path))
+    dd = corpus.build()
+    train, held = dd["train"], dd["heldout"]
+    total = sum(len(t) for t in train["text"]) + sum(len(t) for t in held["text"])
+    assert total >= 20e6
+    assert sum(len(t) >= 16384 for t in train["text"]) >= 100  # byte-level: bytes are tokens
+    assert len(held) >= 20 and set(train["path"]).isdisjoint(held["path"])
+    assert all(corpus.is_heldout(p) for p in held["path"])
+    # Cached: a second build reads the saved dataset and gives the same split.
+    again = corpus.build()
+    assert again["heldout"]["path"] == held["path"]
+    assert (tmp_path / next(p.name for p in tmp_path.iterdir()) / "manifest.json").exists()
+
+
+def test_retrieval_documents_hold_their_answer():
+    docs = corpus.retrieval_documents(4, ["lorem ipsum " * 100], 600, seed=1)
+    key = docs[0].split("The pass key is ")[1][:5]
+    assert docs[0].endswith(f"The pass key is {key}") and len(docs[0]) >= 590
+    assert "The value of key" in docs[1]
+    assert docs == corpus.retrieval_documents(4, ["lorem ipsum " * 100], 600, seed=1)
+
+
+def test_pretrain_tiny_resumes_and_exports_a_loadable_byte_model(tmp_path):
+    import jax.numpy as jnp
+
+    import seerjax
+    from seerjax.train.data import ByteTokenizer, load_tokenizer
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(97, 105, size=300).astype(np.int32) for _ in range(40)]
+    s = PretrainSettings(out=str(tmp_path), preset="tiny", seq_len=64, steps=6, batch=4, save_every=3, warmup=1,
+                         retrieval_docs=0, dtype="float32", progress=False)
+    first = pretrain(PretrainSettings(**{**s.__dict__, "steps": 3}), docs=docs)
+    summary = pretrain(s, docs=docs)
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 3, not restarted
+    assert first["final_loss"] is not None and summary["final_loss"] < 5.6  # below uniform over 257 bytes
+    model = seerjax.from_pretrained(summary["model"], dtype="float32")
+    assert isinstance(load_tokenizer(summary["model"]), ByteTokenizer)
+    logits = model(jnp.asarray([[97, 98, 99]]))
+    assert logits.shape == (1, 3, 257) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_bad_pretrain_settings():
+    with pytest.raises(PretrainError, match="preset"):
+        PretrainSettings(out="x", preset="huge")
+    with pytest.raises(PretrainError, match="steps"):
+        PretrainSettings(out="x", steps=0)
