@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from seerjax.config import ModelConfig
-    from seerjax.eval.bench_prefill import LLAMA31_8B, _time
+    from seerjax.eval.bench_prefill import LLAMA31_8B
+    from seerjax.eval.timing import median_ms
     from seerjax.gate import GateParam
     from seerjax.gates_io import attach_gates, gate_config_for_model
     from seerjax.model import random_model
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         return hidden
 
     dev = jax.devices()[0]
-    ms_dense = _time(dense_forward, state_all, tokens[0], reps=args.reps)
+    ms_dense = median_ms(dense_forward, state_all, tokens[0], reps=args.reps)
     mem_dense = dev.memory_stats().get("peak_bytes_in_use", 0)
 
     def run_step(gates, opt_state):
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         carry["g"], carry["o"], loss = run_step(carry["g"], carry["o"])
         return loss
 
-    ms_step = _time(timed, reps=args.reps)
+    ms_step = median_ms(timed, reps=args.reps)
     mem_step = dev.memory_stats().get("peak_bytes_in_use", 0)
     row = dict(seq_len=args.seq_len, layers=cfg.num_layers, dense_forward_ms=ms_dense, distill_step_ms=ms_step,
                ratio=ms_step / ms_dense, peak_gib_after_dense=mem_dense / 2**30, peak_gib_after_step=mem_step / 2**30,

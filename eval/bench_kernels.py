@@ -14,26 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _time(fn, *args, warmup=3, reps=10) -> float:
-    """Median milliseconds of `fn(*args)` (jitted), synchronized."""
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from seerjax.eval.timing import median_ms
 
 
 def random_mask(key, b, h, nq, nk, density):
@@ -91,7 +77,7 @@ def main(argv=None) -> int:
         dense_flops = 4 * d * dense_pairs
 
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
-        ms_dense = _time(cudnn, q, k, v, reps=args.reps)
+        ms_dense = median_ms(cudnn, q, k, v, reps=args.reps)
         rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="fwd", ms=ms_dense, tflops=dense_flops / ms_dense / 1e9))
         ms_dense_bwd = None
         do_bwd = args.backward and t <= args.backward_max_len
@@ -100,13 +86,13 @@ def main(argv=None) -> int:
                 return jnp.sum(cudnn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
 
             g = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2)))
-            ms_fb = _time(g, q, k, v, reps=args.reps)
+            ms_fb = median_ms(g, q, k, v, reps=args.reps)
             ms_dense_bwd = ms_fb - ms_dense
             rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="bwd", ms=ms_dense_bwd,
                              tflops=2.5 * dense_flops / ms_dense_bwd / 1e9))
 
         pooled = jax.jit(lambda q, k, v: attention_with_pooling(q, k, v, block_size=bs, implementation=args.implementation))
-        ms = _time(pooled, q, k, v, reps=args.reps)
+        ms = median_ms(pooled, q, k, v, reps=args.reps)
         rows.append(dict(T=t, kernel="attention_with_pooling", density=1.0, pass_="fwd", ms=ms,
                          tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
 
@@ -115,7 +101,7 @@ def main(argv=None) -> int:
             pairs = visible_pairs(mask, t, t, bs) * (hq // mask.shape[1])
             flops = 4 * d * pairs
             sparse = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, block_size=bs, implementation=args.implementation))
-            ms = _time(sparse, q, k, v, mask, reps=args.reps)
+            ms = median_ms(sparse, q, k, v, mask, reps=args.reps)
             rows.append(dict(T=t, kernel=f"block_sparse ({args.mask_heads} masks)", density=dens, pass_="fwd", ms=ms,
                              tflops=flops / ms / 1e9, speedup=ms_dense / ms))
             if do_bwd:
@@ -124,13 +110,12 @@ def main(argv=None) -> int:
                     return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
                 g = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))
-                ms_fb = _time(g, q, k, v, mask, reps=args.reps)
+                ms_fb = median_ms(g, q, k, v, mask, reps=args.reps)
                 ms_b = ms_fb - ms
                 rows.append(dict(T=t, kernel=f"block_sparse ({args.mask_heads} masks)", density=dens, pass_="bwd", ms=ms_b,
                                  tflops=2.5 * flops / ms_b / 1e9, speedup=ms_dense_bwd / ms_b))
-        del q, k, v, do
 
-    print(f"\n| T | kernel | density | pass | ms | TFLOP/s | speedup vs cuDNN |")
+    print("\n| T | kernel | density | pass | ms | TFLOP/s | speedup vs cuDNN |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         sp = r.get("speedup") or (1 / r["vs_cudnn"] if "vs_cudnn" in r else 1.0)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+
+from seerjax.eval.timing import median_ms
 
 LLAMA31_8B = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -26,17 +26,6 @@ LLAMA31_8B = dict(
     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192},
 )
-
-
-def _time(fn, *args, warmup=1, reps=5) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -52,7 +41,6 @@ def main(argv=None) -> int:
 
     from flax import nnx
 
-    from seerjax import sparse_attention
     from seerjax.config import ModelConfig
     from seerjax.gates_io import attach_gates, gate_config_for_model
     from seerjax.model import random_model
@@ -81,7 +69,7 @@ def main(argv=None) -> int:
     rows = []
     for t in [int(x) for x in args.lengths.split(",")]:
         ids = jax.random.randint(jax.random.key(t), (1, t), 0, cfg.vocab_size)
-        ms_dense = _time(make("cudnn", {}), state, ids, reps=args.reps)
+        ms_dense = median_ms(make("cudnn", {}), state, ids, warmup=1, reps=args.reps)
         rows.append(dict(T=t, method="dense (cuDNN)", density=1.0, ms=ms_dense, speedup=1.0))
         # Gate + selection alone, on one layer's shapes, times the layers.
         gate = model.layers[0].attn.gate
@@ -91,14 +79,14 @@ def main(argv=None) -> int:
 
         inv, sc = rope_frequencies(cfg.rope, gate_cfg.d_gate)
         for dens in [float(x) for x in args.densities.split(",")]:
-            ms = _time(make("seer", {"density": dens, "implementation": args.implementation}), state, ids, reps=args.reps)
+            ms = median_ms(make("seer", {"density": dens, "implementation": args.implementation}), state, ids, warmup=1, reps=args.reps)
 
             @jax.jit
             def gate_select(qn, kn):
                 logits = gate(qn, kn, rope=lambda x, pos: apply_rope(x, pos, inv, sc))
                 return select_blocks(logits, SelectionConfig(density=dens))
 
-            ms_gate = _time(gate_select, qn, kn, reps=args.reps) * cfg.num_layers
+            ms_gate = median_ms(gate_select, qn, kn, warmup=1, reps=args.reps) * cfg.num_layers
             rows.append(dict(T=t, method="seer", density=dens, ms=ms, speedup=ms_dense / ms, gate_select_ms=ms_gate))
         del ids, qn, kn
 

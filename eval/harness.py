@@ -175,7 +175,7 @@ def _grid(s: EvalSettings) -> list[tuple[str, float | None, float | None]]:
 def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> list[dict]:
     """Evaluates the grid; writes OUT/results.json, OUT/results.md and plots. Returns the records."""
     from seerjax import sparse_attention  # noqa: F401  (registers the attention functions)
-    from seerjax.gates_io import load_gates, read_gate_config
+    from seerjax.gates_io import load_gates
     from seerjax.train.data import load_texts, load_tokenizer, split_documents, tokenize_documents
 
     if model is None:

@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from seerjax.eval.bench_kernels import _time, random_mask
+    from seerjax.eval.bench_kernels import random_mask
+    from seerjax.eval.timing import median_ms
     from seerjax.kernels.block_sparse import Tiles, block_sparse_attention_pallas, default_tiling
     from seerjax.kernels.checks import check_attention_inputs
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
             fn = jax.jit(lambda q, k, v, m, tiling=tiling: block_sparse_attention_pallas(
                 q, k, v, m, shape, interpret=False, tiling=tiling))
             try:
-                ms = _time(fn, q, k, v, mask, warmup=2, reps=5)
+                ms = median_ms(fn, q, k, v, mask, warmup=2, reps=5)
             except Exception as e:  # a launch shape that does not compile (shared memory, registers)
                 ms = float("nan")
                 print(f"  {tiles}: {type(e).__name__}: {str(e)[:120]}")

@@ -12,7 +12,6 @@ from typing import Callable
 
 import jax
 
-from seerjax.kernels import reference
 from seerjax.kernels.checks import KernelInputError, check_attention_inputs, check_block_mask
 
 # name -> (module, function, extra keyword arguments). Modules import lazily so a broken GPU

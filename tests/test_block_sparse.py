@@ -19,7 +19,6 @@ from jax.experimental import pallas
 
 import seerjax.kernels as kernels
 from seerjax.kernels import block_sparse as bsp
-from seerjax.kernels import reference
 from seerjax.kernels.checks import check_attention_inputs
 
 from sparse_cases import (
