@@ -197,7 +197,8 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
         nnx.update(model, put_tree(state, tree_shardings(state, make_mesh(s.mesh))))
     if heldout is None:
         docs = tokenize_documents(load_texts(s.data), tokenizer)
-        if not s.all_heldout and len(docs) > 1:
+        already_heldout = s.all_heldout or s.data == "embedded:heldout"
+        if not already_heldout and len(docs) > 1:
             docs = split_documents(docs, s.heldout_fraction, seed=s.seed)[1]
         heldout = docs
     sequences = _heldout_sequences(heldout, s.seq_len, s.num_sequences, int(getattr(tokenizer, "eos_token_id", 0) or 0))
