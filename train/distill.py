@@ -25,9 +25,8 @@ import optax
 from flax import nnx
 
 from seerjax.gate import GateConfig, GateParam, gate_kl_loss, gate_targets
+from seerjax.train.checkpoints import METRICS_FILE, checkpoint_manager, rewrite_metrics
 
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 
 
 class DistillError(ValueError):
@@ -156,29 +155,6 @@ class DistillResult:
     optimizer_bytes: int
 
 
-def _checkpoint_manager(out: str, s: DistillSettings):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out, CHECKPOINT_DIR)), options=options)
-
-
-def _rewrite_metrics(path: str, upto_step: int) -> None:
-    """Keeps the metric lines of steps <= upto_step (a resumed run rewrites the later ones)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= upto_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (json.JSONDecodeError, KeyError):
-                break  # a torn last line from a killed run
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
 def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
     """Trains AttnGates; resumes from `s.out` when a checkpoint is there. Returns the losses and sizes.
 
@@ -218,7 +194,7 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
     step_fn = make_train_step(graphdef, gate_config, tx, s, mesh, shardings)
 
     os.makedirs(s.out, exist_ok=True)
-    manager = _checkpoint_manager(s.out, s)
+    manager = checkpoint_manager(s.out)
     start = 0
     latest = manager.latest_step()
     if latest is not None:
@@ -239,7 +215,7 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
             )
         start = int(meta["step"])
     metrics_path = os.path.join(s.out, METRICS_FILE)
-    _rewrite_metrics(metrics_path, start)
+    rewrite_metrics(metrics_path, start)
 
     tokens_per_step = s.batch * s.grad_accum * s.seq_len
     losses = []

@@ -50,7 +50,8 @@ from seerjax.config import ModelConfig, RopeConfig
 from seerjax.dtypes import resolve_dtype
 from seerjax.gate import GateConfig, GateParam
 from seerjax.model import LlamaModel
-from seerjax.train.distill import CHECKPOINT_DIR, METRICS_FILE, _rewrite_metrics, distill_loss
+from seerjax.train.checkpoints import METRICS_FILE, checkpoint_manager, rewrite_metrics
+from seerjax.train.distill import distill_loss
 
 # Remat policy names → jax.checkpoint policies ("none": no rematerialization; "full": save only layer inputs).
 REMAT_POLICIES = {
@@ -471,13 +472,6 @@ def load_model(s: FinetuneSettings, model: LlamaModel | None = None) -> LlamaMod
 # -- checkpoints -----------------------------------------------------------------------------------------
 
 
-def checkpoint_manager(out: str):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out, CHECKPOINT_DIR)), options=options)
-
-
 def save_checkpoint(manager, step: int, state: TrainState, meta: dict) -> None:
     import orbax.checkpoint as ocp
 
@@ -573,7 +567,7 @@ def finetune(s: FinetuneSettings, *, model: LlamaModel | None = None, data=None)
         start = int(meta["step"])
     metrics_path = os.path.join(s.out, METRICS_FILE)
     if is_main:
-        _rewrite_metrics(metrics_path, start)
+        rewrite_metrics(metrics_path, start)
 
     schedule = _schedule(s.lr, s)
     tokens_per_step = s.batch * s.grad_accum * s.seq_len

@@ -111,6 +111,7 @@ def pretrain(s: PretrainSettings, *, docs=None) -> dict:
     import orbax.checkpoint as ocp
 
     from seerjax.hf import save_pretrained
+    from seerjax.train.checkpoints import METRICS_FILE, checkpoint_manager, rewrite_metrics
     from seerjax.model import LlamaModel
     from seerjax.train.data import ByteTokenizer, PackedSequences
 
@@ -134,10 +135,7 @@ def pretrain(s: PretrainSettings, *, docs=None) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss
 
     os.makedirs(s.out, exist_ok=True)
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(s.out, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False),
-    )
+    manager = checkpoint_manager(s.out)
     start = 0
     if manager.latest_step() is not None:
         restored = manager.restore(
@@ -152,7 +150,9 @@ def pretrain(s: PretrainSettings, *, docs=None) -> dict:
         bar = tqdm(total=s.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     losses = []
     t_start = time.perf_counter()
-    with open(os.path.join(s.out, "metrics.jsonl"), "a") as metrics:
+    metrics_path = os.path.join(s.out, METRICS_FILE)
+    rewrite_metrics(metrics_path, start)
+    with open(metrics_path, "a") as metrics:
         for i in range(start, s.steps):
             tokens = jnp.asarray(data.batch(i * s.batch, s.batch))
             t0 = time.perf_counter()
