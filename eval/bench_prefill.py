@@ -28,6 +28,10 @@ LLAMA31_8B = dict(
 )
 
 
+def _dense_attention(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="32768,65536,131072")
@@ -71,6 +75,12 @@ def main(argv=None) -> int:
         ids = jax.random.randint(jax.random.key(t), (1, t), 0, cfg.vocab_size)
         ms_dense = median_ms(make("cudnn", {}), state, ids, warmup=1, reps=args.reps)
         rows.append(dict(T=t, method="dense (cuDNN)", density=1.0, ms=ms_dense, speedup=1.0))
+        # Dense attention alone (one layer's cuDNN call on the same shapes, times the layers): the yardstick
+        # for the gate + selection overhead.
+        qa = jax.random.normal(jax.random.key(3), (1, t, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+        ka = jax.random.normal(jax.random.key(4), (1, t, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+        ms_attn_dense = median_ms(jax.jit(_dense_attention), qa, ka, ka, warmup=1, reps=args.reps) * cfg.num_layers
+        del qa, ka
         # Gate + selection alone, on one layer's shapes, times the layers.
         gate = model.layers[0].attn.gate
         qn = jax.random.normal(jax.random.key(1), (1, t, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
@@ -81,20 +91,27 @@ def main(argv=None) -> int:
         for dens in [float(x) for x in args.densities.split(",")]:
             ms = median_ms(make("seer", {"density": dens, "implementation": args.implementation}), state, ids, warmup=1, reps=args.reps)
 
+            def gate_only(qn, kn):
+                return gate(qn, kn, rope=lambda x, pos: apply_rope(x, pos, inv, sc))
+
             @jax.jit
             def gate_select(qn, kn):
-                logits = gate(qn, kn, rope=lambda x, pos: apply_rope(x, pos, inv, sc))
-                return select_blocks(logits, SelectionConfig(density=dens))
+                return select_blocks(gate_only(qn, kn), SelectionConfig(density=dens))
 
-            ms_gate = median_ms(gate_select, qn, kn, warmup=1, reps=args.reps) * cfg.num_layers
-            rows.append(dict(T=t, method="seer", density=dens, ms=ms, speedup=ms_dense / ms, gate_select_ms=ms_gate))
+            ms_gate_select = median_ms(gate_select, qn, kn, warmup=1, reps=args.reps) * cfg.num_layers
+            ms_gate = median_ms(jax.jit(gate_only), qn, kn, warmup=1, reps=args.reps) * cfg.num_layers
+            rows.append(dict(T=t, method="seer", density=dens, ms=ms, speedup=ms_dense / ms,
+                             gate_select_ms=ms_gate_select, gate_ms=ms_gate,
+                             dense_attention_ms=ms_attn_dense))
         del ids, qn, kn
 
-    print("\n| T | method | density | TTFT ms | speedup | gate+select ms (all layers) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| T | method | density | TTFT ms | speedup | gate+select ms (all layers) | of which gate | % of dense attention |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = f"{r['gate_select_ms']:.1f}" if "gate_select_ms" in r else ""
-        print(f"| {r['T']} | {r['method']} | {r['density']} | {r['ms']:.1f} | {r['speedup']:.2f}× | {g} |")
+        gg = f"{r['gate_ms']:.1f}" if "gate_ms" in r else ""
+        pct = f"{100 * r['gate_select_ms'] / r['dense_attention_ms']:.1f}%" if "gate_select_ms" in r else ""
+        print(f"| {r['T']} | {r['method']} | {r['density']} | {r['ms']:.1f} | {r['speedup']:.2f}× | {g} | {gg} | {pct} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),

@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from seerjax.kernels.topk import kth_largest
+
 NEG = -1e30
 
 
@@ -90,9 +92,19 @@ def _finish(mask, nq, nk, cfg: SelectionConfig, causal: bool, key_blocks_valid=N
     return mask & allowed
 
 
-def select_blocks(scores, cfg: SelectionConfig, *, causal: bool = True, key_blocks_valid=None) -> jax.Array:
+# Kernel implementation names (the attention config's `implementation`) → k-th value implementation.
+_KTH_IMPL = {None: None, "reference": "top_k", "pallas": "pallas", "pallas_interpret": "pallas_interpret"}
+
+
+def select_blocks(
+    scores, cfg: SelectionConfig, *, causal: bool = True, key_blocks_valid=None, implementation: str | None = None
+) -> jax.Array:
     """Bool block mask `[B, H, nq, nk]` from scores (higher = more important; any scale for TopK,
-    softmax probabilities for a threshold). `key_blocks_valid` `[B, nk]` marks blocks with real tokens."""
+    softmax probabilities for a threshold). `key_blocks_valid` `[B, nk]` marks blocks with real tokens.
+
+    `implementation` picks how TopK finds each row's k-th score: None (a Pallas kernel on GPU, `lax.top_k`
+    elsewhere), a kernel name ("reference" → `lax.top_k`, "pallas", "pallas_interpret"), or a name of
+    :func:`seerjax.kernels.topk.kth_largest`. All give the same mask."""
     b, h, nq, nk = scores.shape
     allowed = causal_blocks(nq, nk, causal)[None, None]
     if key_blocks_valid is not None:
@@ -109,9 +121,10 @@ def select_blocks(scores, cfg: SelectionConfig, *, causal: bool = True, key_bloc
             mask = jnp.ones(scores.shape, bool)
         else:
             # The k-th largest score per row; ties at it may keep a few more than k (never fewer). A full
-            # sort to break ties would cost more than the gate itself at 128k tokens.
-            kth = jax.lax.top_k(scores, k)[0][..., -1:]
-            mask = scores >= kth
+            # sort to break ties would cost more than the gate itself at 128k tokens; on GPU even XLA's
+            # top_k sorts, so a Pallas kernel finds the k-th value by bisection in registers.
+            kth = kth_largest(scores, k, implementation=_KTH_IMPL.get(implementation, implementation))
+            mask = scores >= kth[..., None]
     return _finish(mask, nq, nk, cfg, causal, key_blocks_valid)
 
 

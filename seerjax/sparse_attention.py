@@ -86,7 +86,9 @@ def _block_size(inputs: AttentionInputs) -> int:
 def _sparse(inputs: AttentionInputs, scores, block_size: int, aux=None) -> AttentionOutputs:
     cfg = SelectionConfig.from_options(inputs.config)
     valid = _key_blocks_valid(inputs, block_size)
-    mask = select_blocks(scores, cfg, causal=inputs.causal, key_blocks_valid=valid)
+    mask = select_blocks(
+        scores, cfg, causal=inputs.causal, key_blocks_valid=valid, implementation=inputs.config.get("implementation")
+    )
     out = block_sparse_attention(
         inputs.q,
         inputs.k,
