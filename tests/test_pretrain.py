@@ -52,6 +52,15 @@ def test_pretrain_tiny_resumes_and_exports_a_loadable_byte_model(tmp_path):
     logits = model(jnp.asarray([[97, 98, 99]]))
     assert logits.shape == (1, 3, 257) and np.isfinite(np.asarray(logits)).all()
 
+    # `seerjax convert` (bf16, small shards: how the GPU study carries the model) keeps the tokenizer marker.
+    from seerjax.cli import main
+
+    assert main(["convert", "--model", summary["model"], "--out", str(tmp_path / "bf16"), "--max-shard-size", "20KB"]) == 0
+    assert len(list((tmp_path / "bf16").glob("model-*.safetensors"))) > 1
+    assert isinstance(load_tokenizer(str(tmp_path / "bf16")), ByteTokenizer)
+    again = seerjax.from_pretrained(str(tmp_path / "bf16"), dtype="float32")
+    np.testing.assert_allclose(np.asarray(again(jnp.asarray([[97, 98, 99]]))), np.asarray(logits), atol=0.1)
+
 
 def test_bad_pretrain_settings():
     with pytest.raises(PretrainError, match="preset"):

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The embedded-default study (GPU): pretrain a byte-level base model → distill query-head and KV-head
+# AttnGates → evaluate dense, seer, the oracle and the four training-free baselines at densities
+# 0.5 / 0.25 / 0.1 (perplexity, attention-mass recall, passkey retrieval at several lengths and depths).
+#
+#   bash eval/study.sh all OUT          # everything (about 15 minutes on one H100)
+#   bash eval/study.sh train OUT        # pretrain + both distillations (resumable: re-run to continue)
+#   bash eval/study.sh eval OUT         # both evaluations, from OUT/base/model and OUT/gates_{query,kv}
+#
+# Sizes come from the environment (defaults: the study recipe on one H100); the CPU test runs it tiny.
+set -euo pipefail
+stage=${1:?usage: study.sh all|train|eval OUT}
+out=${2:?usage: study.sh all|train|eval OUT}
+PRESET=${PRESET:-small}
+SEQ=${SEQ:-8192}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
+PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
+PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
+RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-4000}
+DISTILL_STEPS=${DISTILL_STEPS:-300}
+DISTILL_LR=${DISTILL_LR:-1e-3}
+BLOCK=${BLOCK:-64}
+D_GATE=${D_GATE:-64}
+EVAL_SEQS=${EVAL_SEQS:-16}
+RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}
+RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
+DENSITIES=${DENSITIES:-0.5,0.25,0.1}
+EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
+SJ=${SEERJAX:-seerjax}
+
+if [[ $stage == all || $stage == train ]]; then
+  echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
+  $SJ pretrain --out "$out/base" --preset "$PRESET" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" \
+    --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" --retrieval-docs "$RETRIEVAL_DOCS" --save-every 200 --no-progress \
+    $(echo "$EXTRA" | sed 's/--implementation [^ ]*//')
+  tail -n 1 "$out/base/metrics.jsonl"
+  for heads in query kv; do
+    echo "== distill ($heads-head gates, $DISTILL_STEPS steps) $(date -u +%T)"
+    $SJ distill --model "$out/base/model" --data embedded:train --seq-len "$SEQ" --steps "$DISTILL_STEPS" \
+      --out "$out/gates_$heads" --gate-heads "$heads" --block-size "$BLOCK" --d-gate "$D_GATE" --lr "$DISTILL_LR" \
+      --warmup $((DISTILL_STEPS / 10 + 1)) --save-every "$DISTILL_STEPS" --no-progress $EXTRA
+    tail -n 1 "$out/gates_$heads/metrics.jsonl"
+  done
+fi
+if [[ $stage == all || $stage == eval ]]; then
+  common=(--model "$out/base/model" --data embedded:heldout --seq-len "$SEQ" --densities "$DENSITIES"
+          --num-sequences "$EVAL_SEQS" --retrieval-lengths "$RETRIEVAL_LENGTHS" --retrieval-samples "$RETRIEVAL_SAMPLES"
+          --no-progress $EXTRA)
+  echo "== eval: query-head gates, oracle and baselines $(date -u +%T)"
+  $SJ eval "${common[@]}" --gates "$out/gates_query" --methods seer,oracle,streaming,vertical_slash,quest,moba \
+    --out "$out/eval_query"
+  cat "$out/eval_query/results.md"
+  echo "== eval: KV-head gates $(date -u +%T)"
+  $SJ eval "${common[@]}" --gates "$out/gates_kv" --methods seer --out "$out/eval_kv"
+  cat "$out/eval_kv/results.md"
+fi
+echo "== done $(date -u +%T)"
