@@ -2,7 +2,8 @@
 
 Llama-3-8B attention shape by default (B 1, 32 query / 8 KV heads, D 128, bf16, causal). For each length:
 cuDNN dense forward and forward+backward; `block_sparse_attention` at each density (random masks that keep
-the diagonal, per query head or per KV head) forward and forward+backward; `attention_with_pooling`.
+the diagonal, per query head or per KV head) forward and forward+backward; `attention_with_pooling`, its
+one-pass and two-pass kernel paths each (`pooled (1-pass)`, `pooled (2-pass)`) with the Pallas kernel.
 Times are medians of CUDA-synchronized wall-clock runs after warm-up, on fresh random inputs. TFLOP/s count
 the work actually done (visible, selected query-key pairs; backward = 2.5× forward).
 
@@ -42,6 +43,28 @@ def visible_pairs(mask, t, s, bs, causal=True) -> float:
     return float((m * pairs[None, None]).sum())
 
 
+def pooled_variants(bs, implementation):
+    """(row name, fn of q, k, v) for the pooled kernel: with the Pallas kernel, each path forced
+    (1-pass: rowmax buffer, query heads chunked over its budget; 2-pass: `q kᵀ` twice); with any
+    other implementation, the public entry point."""
+    from seerjax.kernels import attention_with_pooling, default_implementation, pooling
+    from seerjax.kernels.checks import check_attention_inputs
+
+    name = implementation or default_implementation()
+    if name not in ("pallas", "pallas_interpret"):
+        return [("attention_with_pooling",
+                 lambda q, k, v: attention_with_pooling(q, k, v, block_size=bs, implementation=name))]
+
+    def forced(passes):
+        def fn(q, k, v):
+            shape = check_attention_inputs(q, k, v, causal=True, block_size=bs, sm_scale=None, lengths=None)
+            return pooling.attention_with_pooling_pallas(
+                q, k, v, shape, interpret=name == "pallas_interpret", passes=passes)
+        return fn
+
+    return [("pooled (1-pass)", forced(1)), ("pooled (2-pass)", forced(2))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="8192,32768,131072")
@@ -59,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from seerjax.kernels import attention_with_pooling, block_sparse_attention
+    from seerjax.kernels import block_sparse_attention
 
     b, hq, hkv, d, bs = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size
     rows = []
@@ -91,10 +114,10 @@ def main(argv=None) -> int:
             rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="bwd", ms=ms_dense_bwd,
                              tflops=2.5 * dense_flops / ms_dense_bwd / 1e9))
 
-        pooled = jax.jit(lambda q, k, v: attention_with_pooling(q, k, v, block_size=bs, implementation=args.implementation))
-        ms = median_ms(pooled, q, k, v, reps=args.reps)
-        rows.append(dict(T=t, kernel="attention_with_pooling", density=1.0, pass_="fwd", ms=ms,
-                         tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
+        for name, pooled in pooled_variants(bs, args.implementation):
+            ms = median_ms(jax.jit(pooled), q, k, v, reps=args.reps)
+            rows.append(dict(T=t, kernel=name, density=1.0, pass_="fwd", ms=ms,
+                             tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
 
         for dens in [float(x) for x in args.densities.split(",") if x.strip()]:
             mask = random_mask(km, b, hq if args.mask_heads == "query" else hkv, nq, nq, dens)

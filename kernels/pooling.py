@@ -4,31 +4,39 @@ Contract: `attention_with_pooling_reference` in reference.py (DESIGN.md, Contrac
 
 Design. The max of the probabilities `exp(s[t, u] - lse[t])` over the keys u of a block only
 needs the row's max logit in that block: `max_u exp(s[t, u] - lse[t]) = exp(max_u s[t, u] -
-lse[t])`. One program per (query head, batch, tile of `block_q` query rows) runs two loops over
-the same visible key tiles of `block_k` rows:
+lse[t])`. One program per (query head, batch, tile of `block_q` query rows) runs a flash
+attention loop over the visible key tiles of `block_k` rows (online softmax, base 2 with log2(e)
+folded into the scale): out, m, l, hence the exact lse of every row. Each step already has every
+row's max logit in its key tile; the lse is only known after the loop. Two ways to combine them:
 
-  1. flash attention (online softmax, base 2 with log2(e) folded into the scale): out, m, l,
-     hence the exact lse of every row;
-  2. recompute `q kᵀ` per key tile, take each row's max logit, `exp2(rowmax - lse)` (one exp per
-     row, not per element), max over the rows of each pooling block in the tile, and store
-     those scalars into the pooled map.
+  one-pass (`passes=1`): each step stores the rows' max logits (a contiguous [block_q] float32
+    store) into a rowmax buffer `[B, Hq, S / block_k, T]`; after the kernel, plain jnp (one XLA
+    reduction) takes `exp2(rowmax - lse)`, masks the (row, key tile) pairs with no visible key,
+    and max-reduces over the rows of each pooling block. Costs the buffer (2 GiB at 32k for 32
+    heads; query heads run in chunks of whole GQA groups when it is over ROWMAX_BUDGET_BYTES) and
+    its write and read, no extra matmul.
+  two-pass (`passes=2`): a second loop over the same key tiles recomputes `q kᵀ`, takes each
+    row's max logit, `exp2(rowmax - lse)` (one exp per row, not per element), the max over the
+    rows of each pooling block in the tile, and stores those scalars into the pooled map. Costs
+    one extra `q kᵀ` matmul per visible tile, no buffer. Rows that must not count (padding of T,
+    rows >= lengths[b]) get lse = +inf there, so they contribute exp2(-inf) = 0. Key tiles no
+    row can see are never visited: the pooled row beyond them is zero-filled with wide masked
+    stores, so every output element is written exactly once.
 
-Loop 2 costs one extra `q kᵀ` matmul per visible tile, no exp per element and no `[T, nk]`
-buffer. Rows that must not count (padding of T, rows >= lengths[b]) get lse = +inf in loop 2,
-so they contribute exp2(-inf) = 0; they get zero output and lse = -inf.
+`passes=None` takes the one-pass path whenever one GQA group's buffer fits the budget. Rows that
+do not count get zero output and lse = -inf.
 
 Each loop is split into the key tiles every row of the program sees entirely (no mask) and the
-few boundary tiles (causal diagonal, the tile holding min(S, lengths[b])) that are masked. Key
-tiles no row can see are never visited: the pooled row beyond them is zero-filled with wide
-masked stores, so every output element is written exactly once.
+few boundary tiles (causal diagonal, the tile holding min(S, lengths[b])) that are masked.
 
 Tiles (`Tiling`, `default_tiling`). block_k divides the pooling block, so a key tile never
 straddles two pooled columns; it is the block itself unless a K tile would pass 32 KiB (float32
 with block * D > 8192, or D = 256 at block 128). block_q may hold several pooling blocks (128
 query rows for 16-bit inputs with 64-row blocks, FlashAttention-2's forward tile: half the K/V
-traffic and larger MMAs than 64 rows); each program then writes one pooled row per block. When
-block_q or block_k is smaller than the block, the kernel writes a finer map and the wrapper
-max-reduces it (exact: a max of maxes).
+traffic and larger MMAs than 64 rows); each two-pass program then writes one pooled row per
+block. When block_q or block_k is smaller than the block, the two-pass kernel writes a finer map
+and the wrapper max-reduces it (exact: a max of maxes); the one-pass epilogue pools rows by
+block whatever block_q is, and max-reduces the block's key tiles.
 
 GQA: the K/V BlockSpec maps query head h to kv head h // G; K/V are never repeated. The grid is
 (Hq, B, query tiles) with the head axis fastest and the query-tile axis slowest and reversed:
@@ -52,7 +60,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-
 from seerjax.kernels.checks import AttentionShape, KernelInputError
 
 _LOG2E = math.log2(math.e)
@@ -64,6 +71,13 @@ _MAX_FILL = 128
 # Bytes of one K (or V) tile; above this the key tile is halved so pipelined K/V stages fit in
 # shared memory (float32 with block * D > 8192; 16-bit with D = 256 at block 128).
 _MAX_TILE_BYTES = 32 * 1024
+# Largest rowmax buffer (float32 [B, Hq, S / block_k, T]) the one-pass path may allocate at once:
+# 2 GiB for the Llama-3-8B shape at 32k, so 32k runs in one call; at 128k (32 GiB) the query heads
+# go through in chunks (8 chunks of one GQA group of 4 heads).
+ROWMAX_BUDGET_BYTES = 4 * 2**30
+# The Triton lowering addresses an array with int32 element offsets, so one call's rowmax buffer
+# must stay below 2**31 elements whatever the budget.
+_MAX_ROWMAX_ELEMENTS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +158,18 @@ def _pooling_kernel(
     has_lengths: bool,
     masks_rows: bool,
     num_aliased: int,
+    one_pass: bool,
 ):
     """One query tile. refs: q [block_q, D]; k, v [S_pad, D]; (length []); (aliased outputs);
-    out [block_q, D]; lse [block_q]; pooled [groups, pooled_width]: one row per `group_rows`
-    query rows, one column per key tile, zero padded to a multiple of `fill`."""
+    out [block_q, D]; lse2 [block_q] (base 2, -inf for rows that do not count); then
+    two-pass: pooled [groups, pooled_width]: one row per `group_rows` query rows, one column per
+    key tile, zero padded to a multiple of `fill`;
+    one-pass: rowmax [num_k_tiles, block_q]: column j of row r is the max base-2 scaled logit of
+    row r over the visible keys of key tile j (the mask value if none), written only for the
+    visited tiles."""
     q_ref, k_ref, v_ref, *refs = refs
     length_ref = refs.pop(0) if has_lengths else None
-    out_ref, lse_ref, pooled_ref = refs[num_aliased:]
+    out_ref, lse_ref, map_ref = refs[num_aliased:]
     groups = block_q // group_rows
 
     i = num_q_tiles - 1 - pl.program_id(2)  # longest causal rows first
@@ -203,11 +222,15 @@ def _pooling_kernel(
         qk = _dot_qk(q, kv_tile(k_ref, j))
         if masked:
             s = jnp.where(visible(j), qk * scale2, _MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            row_max = jnp.max(s, axis=1)
+            m_new = jnp.maximum(m, row_max)
             p = jnp.exp2(s - m_new[:, None])
         else:  # scale > 0 commutes with max; qk * scale2 - m fuses into one FMA
-            m_new = jnp.maximum(m, jnp.max(qk, axis=1) * scale2)
+            row_max = jnp.max(qk, axis=1) * scale2
+            m_new = jnp.maximum(m, row_max)
             p = jnp.exp2(qk * scale2 - m_new[:, None])
+        if one_pass:  # one contiguous [block_q] store per key tile
+            map_ref[j, :] = row_max
         alpha = jnp.exp2(m - m_new)
         l = l * alpha + jnp.sum(p, axis=1)
         v = kv_tile(v_ref, j)
@@ -229,11 +252,14 @@ def _pooling_kernel(
     if masks_rows:
         row_valid = rows < q_limit
         out = jnp.where(row_valid[:, None], out, 0.0)
-        lse_ref[...] = jnp.where(row_valid, lse2 * _LN2, -jnp.inf)
+        lse_ref[...] = jnp.where(row_valid, lse2, -jnp.inf)
         pool_lse2 = jnp.where(row_valid, lse2, jnp.inf)  # exp2(x - inf) = 0: row does not count
     else:
-        lse_ref[...] = lse2 * _LN2
+        lse_ref[...] = lse2
     out_ref[...] = out.astype(out_ref.dtype)
+    if one_pass:
+        return
+    pooled_ref = map_ref
 
     # Loop 2: pooled[g, j] = max over the rows of group g of exp2(rowmax_j - lse).
     local = jnp.arange(block_q, dtype=jnp.int32)
@@ -274,13 +300,40 @@ def _pad_seq(x, length: int):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "tiling", "interpret", "poison_outputs"))
-def _forward(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpret: bool, poison_outputs: bool):
-    """Returns out `[B,T,Hq,D]`, pooled float32 `[B,Hq,nq,nk]`, lse float32 `[B,Hq,T]`."""
+def _padded_rows(shape: AttentionShape, tiling: Tiling) -> int:
+    """T padded to whole query tiles and whole pooling blocks."""
+    step = max(tiling.block_q, shape.block_size)
+    return -(-shape.q_len // step) * step
+
+
+def rowmax_bytes(shape: AttentionShape, tiling: Tiling, q_heads: int | None = None) -> int:
+    """Bytes of the one-pass kernel's float32 rowmax buffer for `q_heads` query heads (default all)."""
+    heads = shape.q_heads if q_heads is None else q_heads
+    num_k_tiles = shape.nk * shape.block_size // tiling.block_k
+    return 4 * shape.batch * heads * _padded_rows(shape, tiling) * num_k_tiles
+
+
+def heads_per_chunk(shape: AttentionShape, tiling: Tiling, budget: int) -> int | None:
+    """Most query heads per one-pass call whose rowmax buffer fits in `budget` bytes (and in
+    int32 offsets): a whole number of GQA groups dividing Hq; None when one group does not fit."""
+    g, hkv = shape.group, shape.kv_heads
+    limit = min(budget, 4 * _MAX_ROWMAX_ELEMENTS)
+    fits = [g * m for m in range(1, hkv + 1) if hkv % m == 0 and rowmax_bytes(shape, tiling, g * m) <= limit]
+    return max(fits) if fits else None
+
+
+def _kernel_call(
+    q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpret: bool, poison_outputs: bool, one_pass: bool
+):
+    """The pallas_call on padded inputs. Returns out `[B, T_pad, Hq, D]`, lse2 float32
+    `[B, Hq, T_pad]` (base 2, -inf for rows that do not count) and the kernel's map: two-pass,
+    pooled float32 `[B, Hq, T_pad / group_rows, pooled_width]`; one-pass, rowmax float32
+    `[B, Hq, num_k_tiles, T_pad]` (key tile before row, so each per-tile store of a query tile's
+    rows is contiguous)."""
     b, hq, d, group, bs = shape.batch, shape.q_heads, shape.head_dim, shape.group, shape.block_size
     block_q, block_k = tiling.block_q, tiling.block_k
-    group_rows = min(block_q, bs)  # query rows pooled into one row of the kernel's map
-    t_pad = -(-shape.q_len // max(block_q, bs)) * max(block_q, bs)
+    group_rows = min(block_q, bs)  # query rows pooled into one row of the two-pass map
+    t_pad = _padded_rows(shape, tiling)
     s_pad = shape.nk * bs
     num_q_tiles, num_k_tiles = t_pad // block_q, s_pad // block_k
     fill = min(_MAX_FILL, pl.next_power_of_2(num_k_tiles))
@@ -291,15 +344,19 @@ def _forward(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpr
 
     q_spec = pl.BlockSpec((None, block_q, None, d), lambda h, bi, ii: (bi, q_tile(ii), h, 0))
     kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda h, bi, ii: (bi, 0, h // group, 0))
-    out_specs = [
-        q_spec,
-        pl.BlockSpec((None, None, block_q), lambda h, bi, ii: (bi, h, q_tile(ii))),
-        pl.BlockSpec((None, None, block_q // group_rows, pooled_width), lambda h, bi, ii: (bi, h, q_tile(ii), 0)),
-    ]
+    if one_pass:
+        map_spec = pl.BlockSpec((None, None, num_k_tiles, block_q), lambda h, bi, ii: (bi, h, 0, q_tile(ii)))
+        map_shape = (b, hq, num_k_tiles, t_pad)
+    else:
+        map_spec = pl.BlockSpec(
+            (None, None, block_q // group_rows, pooled_width), lambda h, bi, ii: (bi, h, q_tile(ii), 0)
+        )
+        map_shape = (b, hq, t_pad // group_rows, pooled_width)
+    out_specs = [q_spec, pl.BlockSpec((None, None, block_q), lambda h, bi, ii: (bi, h, q_tile(ii))), map_spec]
     out_shapes = [
         jax.ShapeDtypeStruct((b, t_pad, hq, d), q.dtype),
         jax.ShapeDtypeStruct((b, hq, t_pad), jnp.float32),
-        jax.ShapeDtypeStruct((b, hq, t_pad // group_rows, pooled_width), jnp.float32),
+        jax.ShapeDtypeStruct(map_shape, jnp.float32),
     ]
     args = [_pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)]
     in_specs = [q_spec, kv_spec, kv_spec]
@@ -324,8 +381,9 @@ def _forward(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpr
         has_lengths=lengths is not None,
         masks_rows=lengths is not None or t_pad != shape.q_len,
         num_aliased=len(aliases),
+        one_pass=one_pass,
     )
-    out, lse, pooled = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=(hq, b, num_q_tiles),
         in_specs=in_specs,
@@ -334,19 +392,83 @@ def _forward(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpr
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
-        name="seerjax_attention_with_pooling",
+        name="seerjax_attention_with_pooling" + ("_one_pass" if one_pass else ""),
     )(*args)
 
-    if t_pad != shape.q_len:
-        out, lse = out[:, : shape.q_len], lse[:, :, : shape.q_len]
-    if pooled_width != num_k_tiles:
+
+def _pool_rowmax(rowmax, lse2, lengths, shape: AttentionShape, tiling: Tiling):
+    """One-pass epilogue (plain jnp; XLA fuses it into one reduction over the rowmax buffer):
+    `pooled[b,h,i,j] = max` over the rows r of query block i that see a key of block j of
+    `exp2(rowmax[b,h,j',r] - lse2[b,h,r])`, j' the key tiles of block j; 0 if no row does.
+    Rows and tiles outside that set are masked here, so what the kernel left unwritten there
+    (tiles it never visited, padding rows) never counts. Returns float32 `[B, Hq, nq, nk]`."""
+    b, h, num_k_tiles, t_pad = rowmax.shape
+    bs, block_k = shape.block_size, tiling.block_k
+    rows = jnp.arange(t_pad, dtype=jnp.int32)[None, None, None, :]
+    first_key = (jnp.arange(num_k_tiles, dtype=jnp.int32) * block_k)[None, None, :, None]
+    q_limit, kv_limit = shape.q_len, shape.kv_len
+    if lengths is not None:
+        length = lengths.astype(jnp.int32)[:, None, None, None]
+        q_limit, kv_limit = jnp.clip(length, 0, q_limit), jnp.clip(length, 0, kv_limit)
+    sees = (rows < q_limit) & (first_key < kv_limit)
+    if shape.causal:
+        sees = sees & (first_key <= rows + (shape.kv_len - shape.q_len))
+    prob = jnp.where(sees, jnp.exp2(rowmax - lse2[:, :, None, :]), 0.0)
+    pooled = prob.reshape(b, h, shape.nk, bs // block_k, t_pad // bs, bs).max(axis=(3, 5))
+    return jnp.swapaxes(pooled, 2, 3)[:, :, : shape.nq]
+
+
+def _forward_two_pass(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, **kwargs):
+    out, lse2, pooled = _kernel_call(q, k, v, lengths, shape=shape, tiling=tiling, one_pass=False, **kwargs)
+    b, hq, bs = shape.batch, shape.q_heads, shape.block_size
+    t_pad = out.shape[1]
+    group_rows = min(tiling.block_q, bs)
+    num_k_tiles = shape.nk * bs // tiling.block_k
+    if pooled.shape[-1] != num_k_tiles:
         pooled = pooled[..., :num_k_tiles]
-    row_ratio, col_ratio = bs // group_rows, bs // block_k
+    row_ratio, col_ratio = bs // group_rows, bs // tiling.block_k
     if row_ratio > 1 or col_ratio > 1:  # finer tiles than the pooling block: max of maxes
         pooled = pooled.reshape(b, hq, t_pad // bs, row_ratio, shape.nk, col_ratio).max(axis=(3, 5))
-    if pooled.shape[2] != shape.nq:
-        pooled = pooled[:, :, : shape.nq]
-    return out, pooled, lse
+    return out, pooled[:, :, : shape.nq], lse2
+
+
+def _forward_one_pass(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, **kwargs):
+    out, lse2, rowmax = _kernel_call(q, k, v, lengths, shape=shape, tiling=tiling, one_pass=True, **kwargs)
+    return out, _pool_rowmax(rowmax, lse2, lengths, shape, tiling), lse2
+
+
+def _forward_chunked(q, k, v, lengths, *, shape: AttentionShape, chunk: int, **kwargs):
+    """One-pass over query heads in chunks of `chunk` (whole GQA groups), one after the other
+    (`lax.map`), so only one chunk's rowmax buffer is alive at a time."""
+    b, _, hq, d = q.shape
+    n, kv_chunk = hq // chunk, chunk // shape.group
+    sub = dataclasses.replace(shape, q_heads=chunk, kv_heads=kv_chunk)
+
+    def split(x, c):  # [B, L, n * c, D] -> [n, B, L, c, D]
+        return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1], n, c, d), 2, 0)
+
+    def one(qkv):
+        return _forward_one_pass(*qkv, lengths, shape=sub, **kwargs)
+
+    out, pooled, lse2 = lax.map(one, (split(q, chunk), split(k, kv_chunk), split(v, kv_chunk)))
+    out = jnp.moveaxis(out, 0, 2).reshape(b, out.shape[2], hq, d)
+    pooled = jnp.moveaxis(pooled, 0, 1).reshape(b, hq, *pooled.shape[3:])
+    lse2 = jnp.moveaxis(lse2, 0, 1).reshape(b, hq, lse2.shape[-1])
+    return out, pooled, lse2
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "tiling", "interpret", "poison_outputs", "chunk"))
+def _forward(q, k, v, lengths, *, shape: AttentionShape, tiling: Tiling, interpret: bool, poison_outputs: bool, chunk):
+    """chunk: None for the two-pass kernel, else query heads per one-pass call. Returns out
+    `[B,T,Hq,D]`, pooled float32 `[B,Hq,nq,nk]`, lse float32 `[B,Hq,T]`."""
+    kwargs = {"tiling": tiling, "interpret": interpret, "poison_outputs": poison_outputs}
+    if chunk is None:
+        out, pooled, lse2 = _forward_two_pass(q, k, v, lengths, shape=shape, **kwargs)
+    elif chunk == shape.q_heads:
+        out, pooled, lse2 = _forward_one_pass(q, k, v, lengths, shape=shape, **kwargs)
+    else:
+        out, pooled, lse2 = _forward_chunked(q, k, v, lengths, shape=shape, chunk=chunk, **kwargs)
+    return out[:, : shape.q_len], pooled, lse2[:, :, : shape.q_len] * _LN2
 
 
 def attention_with_pooling_pallas(
@@ -359,6 +481,8 @@ def attention_with_pooling_pallas(
     return_lse=False,
     interpret: bool,
     tiling: Tiling | None = None,
+    passes: int | None = None,
+    rowmax_budget: int = ROWMAX_BUDGET_BYTES,
     poison_outputs: bool = False,
 ):
     """Attention plus the block max-pooled probability map, as one Pallas Triton kernel.
@@ -369,6 +493,11 @@ def attention_with_pooling_pallas(
       return_lse: also return the float32 natural-log lse `[B, Hq, T]` (-inf for empty rows).
       interpret: run the kernel in Pallas interpret mode (CPU) instead of compiling it.
       tiling: launch configuration; default `default_tiling(shape, q.dtype)`.
+      passes: 1 (one `q kᵀ` pass plus a rowmax buffer), 2 (two passes, no buffer) or None: 1 when
+        one GQA group's rowmax buffer fits in `rowmax_budget`, else 2.
+      rowmax_budget: bytes the one-pass rowmax buffer may take; above it, query heads run in
+        chunks of whole GQA groups (with `passes=1`, one group per chunk even if that is over,
+        as long as it has under 2**31 elements).
       poison_outputs: test hook; outputs start as NaN so an element the kernel skips shows.
 
     Returns:
@@ -378,7 +507,20 @@ def attention_with_pooling_pallas(
     if tiling is None:
         tiling = default_tiling(shape, q.dtype)
     _check_tiling(tiling, shape)
+    if passes not in (None, 1, 2):
+        raise KernelInputError(f"passes must be None, 1 or 2, got {passes!r}")
+    chunk = None
+    if passes != 2:
+        chunk = heads_per_chunk(shape, tiling, rowmax_budget)
+        if chunk is None and passes == 1:
+            if rowmax_bytes(shape, tiling, shape.group) > 4 * _MAX_ROWMAX_ELEMENTS:
+                raise KernelInputError(
+                    f"passes=1: the rowmax buffer of one GQA group ({shape.group} query heads, batch "
+                    f"{shape.batch}, T={shape.q_len}, S={shape.kv_len}) has over 2**31 elements; use passes=2"
+                )
+            chunk = shape.group
     out, pooled, lse = _forward(
-        q, k, v, lengths, shape=shape, tiling=tiling, interpret=bool(interpret), poison_outputs=bool(poison_outputs)
+        q, k, v, lengths, shape=shape, tiling=tiling, interpret=bool(interpret), poison_outputs=bool(poison_outputs),
+        chunk=chunk,
     )
     return (out, pooled, lse) if return_lse else (out, pooled)

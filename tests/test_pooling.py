@@ -1,27 +1,34 @@
 """The Pallas attention-with-pooling kernel against the float64 reference.
 
 CPU runs the kernel in interpret mode; outputs start as NaN (`poison_outputs=True`), so an
-element the kernel never writes fails the NaN check. The `gpu` class compiles the same cases.
+element the kernel never writes fails the NaN check. Every case runs through both paths (PATHS):
+the two-pass kernel and the one-pass kernel with its rowmax epilogue. The `gpu` class compiles
+the same cases.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import os
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kernel_cases import KINDS, TOLERANCE, Case, attention_cases, fast_jit, reference_float64, relative_error
+from kernel_cases import (
+    KINDS,
+    TOLERANCE,
+    Case,
+    attention_cases,
+    fast_jit,
+    reference_float64,
+    relative_error,
+)
 from seerjax.kernels import api, pooling, reference
 from seerjax.kernels.checks import check_attention_inputs
-
 
 # On the GPU every example compiles its own kernels; SEERJAX_MAX_EXAMPLES caps the count for a quick pass.
 _CAP = int(os.environ.get("SEERJAX_MAX_EXAMPLES", "1000000"))
@@ -50,8 +57,20 @@ def cases_and_tilings(draw, dtypes, causal=None, kind=None):
     return case, pooling.Tiling(block_q, block_k, num_warps=4 if block_q * case.head_dim < 128 * 128 else 8, num_stages=2)
 
 
-def check_case(case: Case, tiling: pooling.Tiling | None = None, *, interpret: bool = True):
-    """Runs the kernel on `case` and compares out, pooled and lse with the float64 reference."""
+# Path knobs of `attention_with_pooling_pallas`. "one_pass" has no rowmax budget, so it runs query
+# heads one GQA group per call: chunked when Hkv > 1, a single call when Hkv == 1.
+PATHS = {
+    "two_pass": {"passes": 2},
+    "one_pass": {"passes": 1, "rowmax_budget": 0},
+    "one_pass_unchunked": {"passes": 1},
+}
+# Both paths, for the hypothesis tests (which would take twice as long again with a third).
+BOTH_PATHS = pytest.mark.parametrize("path", ["two_pass", "one_pass"])
+
+
+def check_case(case: Case, tiling: pooling.Tiling | None = None, *, interpret: bool = True, path: str = "two_pass"):
+    """Runs the kernel on `case` along `path` (a key of PATHS) and compares out, pooled and lse
+    with the float64 reference."""
     q, k, v, lengths = case.arrays()
     shape = case.shape(q, k, v, lengths)
     kernel = functools.partial(
@@ -61,6 +80,7 @@ def check_case(case: Case, tiling: pooling.Tiling | None = None, *, interpret: b
         interpret=interpret,
         tiling=tiling,
         poison_outputs=True,
+        **PATHS[path],
     )
     out, pooled, lse = fast_jit(kernel)(q, k, v, lengths=lengths)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -72,25 +92,27 @@ def check_case(case: Case, tiling: pooling.Tiling | None = None, *, interpret: b
     tol = TOLERANCE[case.dtype]
     for name, got, want in (("out", out, ref_out), ("pooled", pooled, ref_pooled), ("lse", lse, ref_lse)):
         err = relative_error(name, got, want)
-        assert err <= tol, f"{name}: relative error {err:.3g} > {tol} for {case}, {tiling}"
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol} for {case}, {tiling}, {path}"
 
 
 # Every (causal, kind) category gets its share of the examples: 6 x 15 float32, 6 x 6 16-bit.
 categories = pytest.mark.parametrize("causal,kind", [(c, k) for c in (False, True) for k in KINDS])
 
 
+@BOTH_PATHS
 @categories
 @_settings(15)
 @given(data=st.data())
-def test_matches_reference_float32(causal, kind, data):
-    check_case(*data.draw(cases_and_tilings(("float32",), causal, kind)))
+def test_matches_reference_float32(path, causal, kind, data):
+    check_case(*data.draw(cases_and_tilings(("float32",), causal, kind)), path=path)
 
 
+@BOTH_PATHS
 @categories
 @_settings(6)
 @given(data=st.data())
-def test_matches_reference_low_precision(causal, kind, data):
-    check_case(*data.draw(cases_and_tilings(("bfloat16", "float16"), causal, kind)))
+def test_matches_reference_low_precision(path, causal, kind, data):
+    check_case(*data.draw(cases_and_tilings(("bfloat16", "float16"), causal, kind)), path=path)
 
 
 EDGE_CASES = {
@@ -112,9 +134,10 @@ EDGE_CASES = {
 }
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))
-def test_edge_cases(name):
-    check_case(*EDGE_CASES[name])
+def test_edge_cases(name, path):
+    check_case(*EDGE_CASES[name], path=path)
 
 
 def test_rejects_bad_tiling():
@@ -124,6 +147,8 @@ def test_rejects_bad_tiling():
         pooling.attention_with_pooling_pallas(
             q, k, v, case.shape(q, k, v, None), interpret=True, tiling=pooling.Tiling(32, 64, 4, 2)
         )
+    with pytest.raises(ValueError, match="passes"):
+        pooling.attention_with_pooling_pallas(q, k, v, case.shape(q, k, v, None), interpret=True, passes=3)
 
 
 def test_api_routes_to_kernel():
@@ -136,8 +161,8 @@ def test_api_routes_to_kernel():
 
 
 def test_poison_detects_unwritten_tiles(monkeypatch):
-    """With the zero-fill store of invisible pooled tiles removed, the poison shows as NaN:
-    so the NaN check in `check_case` does catch tiles the kernel fails to write."""
+    """With the two-pass kernel's zero-fill store of invisible pooled tiles removed, the poison
+    shows as NaN: so the NaN check in `check_case` does catch tiles the kernel fails to write."""
     case = Case(1, 48, 48, 1, 1, 32, 16, True, None, None, "float32", 10)
     q, k, v, _ = case.arrays()
     shape = case.shape(q, k, v, None)
@@ -145,7 +170,9 @@ def test_poison_detects_unwritten_tiles(monkeypatch):
     monkeypatch.setattr(pooling, "plgpu", no_store)
     pooling._forward.clear_cache()
     try:
-        _, pooled = pooling.attention_with_pooling_pallas(q, k, v, shape, interpret=True, poison_outputs=True)
+        _, pooled = pooling.attention_with_pooling_pallas(
+            q, k, v, shape, interpret=True, poison_outputs=True, passes=2
+        )
     finally:
         pooling._forward.clear_cache()  # do not leave the broken kernel in the jit cache
     pooled = np.asarray(pooled)
@@ -156,9 +183,10 @@ def test_poison_detects_unwritten_tiles(monkeypatch):
         relative_error("pooled", pooled, np.zeros_like(pooled))
 
 
-def _lower_for_cuda(case: Case, tiling: pooling.Tiling | None):
+def _lower_for_cuda(case: Case, tiling: pooling.Tiling | None, **knobs):
     """Lowers the compiled (non-interpret) kernel for CUDA from CPU: the Triton lowering's shape
-    rules (power-of-2 tensors, verified Triton IR) fail here, without a GPU."""
+    rules (power-of-2 tensors, verified Triton IR) fail here, without a GPU. `knobs`: passes,
+    rowmax_budget."""
     dt = jnp.dtype(case.dtype)
     q = jax.ShapeDtypeStruct((case.batch, case.q_len, case.q_heads, case.head_dim), dt)
     kv = jax.ShapeDtypeStruct((case.batch, case.kv_len, case.kv_heads, case.head_dim), dt)
@@ -169,7 +197,7 @@ def _lower_for_cuda(case: Case, tiling: pooling.Tiling | None):
 
     def f(q, k, v, lengths):
         return pooling.attention_with_pooling_pallas(
-            q, k, v, shape, lengths=lengths, return_lse=True, interpret=False, tiling=tiling
+            q, k, v, shape, lengths=lengths, return_lse=True, interpret=False, tiling=tiling, **knobs
         )
 
     return jax.jit(f).trace(q, kv, kv, lengths).lower(lowering_platforms=("cuda",)).as_text()
@@ -188,10 +216,34 @@ LOWERING_CASES = {
 }
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("name", sorted(LOWERING_CASES))
-def test_lowers_for_cuda(name):
-    text = _lower_for_cuda(*LOWERING_CASES[name])
+def test_lowers_for_cuda(name, path):
+    text = _lower_for_cuda(*LOWERING_CASES[name], **PATHS[path])
     assert "__gpu$xla.gpu.triton" in text
+    assert ("seerjax_attention_with_pooling_one_pass" in text) == path.startswith("one_pass")
+
+
+@pytest.mark.parametrize(
+    "q_len,budget,chunk",
+    [
+        (32768, None, 32),  # 2 GiB rowmax: all 32 heads in one call
+        (131072, None, 4),  # 32 GiB: 8 calls of one GQA group (4 heads, 4 GiB each)
+        (32768, 2**27, None),  # one group's 256 MiB is over the budget: two passes
+    ],
+)
+def test_auto_path_for_llama3_8b(q_len, budget, chunk):
+    """`passes=None` on the Llama-3-8B shape (32 / 8 heads, D 128, bf16, causal, block 64): the
+    heads per one-pass call (None: two passes), and that the lowered kernel follows it."""
+    case = Case(1, q_len, q_len, 8, 4, 128, 64, True, None, None, "bfloat16", 0)
+    knobs = {} if budget is None else {"rowmax_budget": budget}
+    text = _lower_for_cuda(case, None, **knobs)
+    assert ("seerjax_attention_with_pooling_one_pass" in text) == (chunk is not None)
+    q = jax.ShapeDtypeStruct((1, q_len, 32, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, q_len, 8, 128), jnp.bfloat16)
+    shape = check_attention_inputs(q, kv, kv, causal=True, block_size=64, sm_scale=None, lengths=None)
+    tiling = pooling.default_tiling(shape, jnp.bfloat16)
+    assert pooling.heads_per_chunk(shape, tiling, pooling.ROWMAX_BUDGET_BYTES if budget is None else budget) == chunk
 
 
 def chunked_reference(q, k, v, shape, lengths=None, chunk: int = 512):
@@ -241,21 +293,24 @@ def chunked_reference(q, k, v, shape, lengths=None, chunk: int = 512):
 class TestCompiledOnGpu:
     """The same cases, compiled with the Triton lowering (implementation="pallas")."""
 
+    @BOTH_PATHS
     @categories
     @_settings(15)
     @given(data=st.data())
-    def test_matches_reference_float32(self, causal, kind, data):
-        check_case(*data.draw(cases_and_tilings(("float32",), causal, kind)), interpret=False)
+    def test_matches_reference_float32(self, path, causal, kind, data):
+        check_case(*data.draw(cases_and_tilings(("float32",), causal, kind)), interpret=False, path=path)
 
+    @BOTH_PATHS
     @categories
     @_settings(6)
     @given(data=st.data())
-    def test_matches_reference_low_precision(self, causal, kind, data):
-        check_case(*data.draw(cases_and_tilings(("bfloat16", "float16"), causal, kind)), interpret=False)
+    def test_matches_reference_low_precision(self, path, causal, kind, data):
+        check_case(*data.draw(cases_and_tilings(("bfloat16", "float16"), causal, kind)), interpret=False, path=path)
 
+    @pytest.mark.parametrize("path", sorted(PATHS))
     @pytest.mark.parametrize("name", sorted(EDGE_CASES))
-    def test_edge_cases(self, name):
-        check_case(*EDGE_CASES[name], interpret=False)
+    def test_edge_cases(self, name, path):
+        check_case(*EDGE_CASES[name], interpret=False, path=path)
 
     def test_api_default_is_compiled_kernel(self):
         assert api.default_implementation() == "pallas"
@@ -266,13 +321,14 @@ class TestCompiledOnGpu:
         assert relative_error("out", out, ref_out) <= TOLERANCE["bfloat16"]
         assert relative_error("pooled", pooled, ref_pooled) <= TOLERANCE["bfloat16"]
 
-    def test_production_32k(self):
+    @pytest.mark.parametrize("path", ["two_pass", "one_pass_unchunked"])
+    def test_production_32k(self, path):
         """B 1, T = S = 32k, 32 query / 8 kv heads, D 128, block 64, bf16, causal."""
         case = Case(1, 32768, 32768, 8, 4, 128, 64, True, None, None, "bfloat16", 10)
         q, k, v, _ = case.arrays()
         shape = case.shape(q, k, v, None)
         out, pooled, lse = pooling.attention_with_pooling_pallas(
-            q, k, v, shape, return_lse=True, interpret=False, poison_outputs=True
+            q, k, v, shape, return_lse=True, interpret=False, poison_outputs=True, **PATHS[path]
         )
         ref_out, ref_pooled, ref_lse = chunked_reference(q, k, v, shape)
         tol = TOLERANCE["bfloat16"]
