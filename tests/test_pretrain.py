@@ -29,6 +29,8 @@ def test_retrieval_documents_hold_their_answer():
     key = docs[0].split("The pass key is ")[1][:5]
     assert docs[0].endswith(f"The pass key is {key}") and len(docs[0]) >= 590
     assert "The value of key" in docs[1]
+    words = [w for w in docs[2].split() if docs[2].count(f" {w} ") >= 2 and w not in ("lorem", "ipsum")]
+    assert words and len(docs[2]) >= 590  # a copy document: random strings written more than once
     assert docs == corpus.retrieval_documents(4, ["lorem ipsum " * 100], 600, seed=1)
 
 

@@ -122,15 +122,44 @@ def kv_document(rng: np.random.Generator, pairs: int) -> str:
     return body + " " + " ".join(f"The value of key {keys[i]} is {values[i]}." for i in asks)
 
 
-def retrieval_documents(n: int, texts: list[str], length_chars: int, seed: int = 0) -> list[str]:
-    """n synthetic documents, half passkey (haystacks cut from `texts`), half key–value recall."""
+def copy_document(rng: np.random.Generator, haystack: str, length_chars: int) -> str:
+    """Random strings, each written two or three times at random places in real text.
+
+    Every byte of a repeat after its first is predictable only by finding the earlier occurrence, a dense
+    training signal for the content-based copying (induction) that passkey retrieval needs; the passkey
+    documents alone give one answer per document.
+    """
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789_"))
+    pieces = []
+    for _ in range(max(1, length_chars // 400)):
+        word = "".join(rng.choice(alphabet, int(rng.integers(6, 33))))
+        pieces += [f" {word} "] * int(rng.integers(2, 4))
+    rng.shuffle(pieces)
+    body = max(length_chars - sum(len(p) for p in pieces), 0)
+    hay = (haystack * (1 + body // max(len(haystack), 1)))[:body]
+    cuts = np.sort(rng.integers(0, body + 1, size=len(pieces)))
+    out, prev = [], 0
+    for cut, piece in zip(cuts, pieces):
+        out += [hay[prev:cut], piece]
+        prev = int(cut)
+    return "".join(out) + hay[prev:]
+
+
+KINDS = ("passkey", "kv", "copy")
+
+
+def retrieval_documents(n: int, texts: list[str], length_chars: int, seed: int = 0, first_kind: int = 0) -> list[str]:
+    """n synthetic documents cycling through passkey (haystacks cut from `texts`), key–value recall and
+    copy documents, starting at kind `first_kind` (an index into `KINDS`)."""
     rng = np.random.default_rng([seed, 4242])
     out = []
     for i in range(n):
-        if i % 2 == 0:
-            src = texts[int(rng.integers(0, len(texts)))]
-            start = int(rng.integers(0, max(len(src) - length_chars, 1)))
-            out.append(passkey_document(rng, src[start : start + length_chars], length_chars))
-        else:
+        kind = KINDS[(i + first_kind) % len(KINDS)]
+        if kind == "kv":
             out.append(kv_document(rng, max(4, length_chars // 40)))
+            continue
+        src = texts[int(rng.integers(0, len(texts)))]
+        start = int(rng.integers(0, max(len(src) - length_chars, 1)))
+        hay = src[start : start + length_chars]
+        out.append(passkey_document(rng, hay, length_chars) if kind == "passkey" else copy_document(rng, hay, length_chars))
     return out
