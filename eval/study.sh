@@ -5,12 +5,13 @@
 #
 #   bash eval/study.sh all OUT          # everything (about 15 minutes on one H100)
 #   bash eval/study.sh train OUT        # pretrain + both distillations (resumable: re-run to continue)
+#   bash eval/study.sh distill OUT      # both distillations only, from OUT/base/model
 #   bash eval/study.sh eval OUT         # both evaluations, from OUT/base/model and OUT/gates_{query,kv}
 #
 # Sizes come from the environment (defaults: the study recipe on one H100); the CPU test runs it tiny.
 set -euo pipefail
-stage=${1:?usage: study.sh all|train|eval OUT}
-out=${2:?usage: study.sh all|train|eval OUT}
+stage=${1:?usage: study.sh all|train|distill|eval OUT}
+out=${2:?usage: study.sh all|train|distill|eval OUT}
 PRESET=${PRESET:-small}
 SEQ=${SEQ:-8192}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-4000}
@@ -19,6 +20,7 @@ PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
 DISTILL_STEPS=${DISTILL_STEPS:-2000}
 DISTILL_LR=${DISTILL_LR:-1e-3}
+DISTILL_RETRIEVAL_DOCS=${DISTILL_RETRIEVAL_DOCS:-2000}
 BLOCK=${BLOCK:-64}
 D_GATE=${D_GATE:-64}
 EVAL_SEQS=${EVAL_SEQS:-16}
@@ -27,6 +29,7 @@ RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
 DENSITIES=${DENSITIES:-0.5,0.25,0.1}
 EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
 SJ=${SEERJAX:-seerjax}
+MODEL=${MODEL:-$out/base/model}  # the base model distill and eval use (e.g. a carried bf16 copy)
 
 if [[ $stage == all || $stage == train ]]; then
   echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
@@ -34,20 +37,23 @@ if [[ $stage == all || $stage == train ]]; then
     --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" --retrieval-docs "$RETRIEVAL_DOCS" --save-every 200 --no-progress \
     $(echo "$EXTRA" | sed 's/--implementation [^ ]*//')
   tail -n 1 "$out/base/metrics.jsonl"
+fi
+if [[ $stage == all || $stage == train || $stage == distill ]]; then
   for heads in query kv; do
     echo "== distill ($heads-head gates, $DISTILL_STEPS steps) $(date -u +%T)"
-    $SJ distill --model "$out/base/model" --data embedded:train --seq-len "$SEQ" --steps "$DISTILL_STEPS" \
+    $SJ distill --model "$MODEL" --data embedded:train --seq-len "$SEQ" --steps "$DISTILL_STEPS" \
       --out "$out/gates_$heads" --gate-heads "$heads" --block-size "$BLOCK" --d-gate "$D_GATE" --lr "$DISTILL_LR" \
-      --warmup $((DISTILL_STEPS / 10 + 1)) --save-every "$DISTILL_STEPS" --no-progress $EXTRA
+      --warmup $((DISTILL_STEPS / 10 + 1)) --save-every "$DISTILL_STEPS" --retrieval-docs "$DISTILL_RETRIEVAL_DOCS" \
+      --no-progress $EXTRA
     tail -n 1 "$out/gates_$heads/metrics.jsonl"
   done
 fi
 if [[ $stage == all || $stage == eval ]]; then
-  common=(--model "$out/base/model" --data embedded:heldout --seq-len "$SEQ" --densities "$DENSITIES"
+  common=(--model "$MODEL" --data embedded:heldout --seq-len "$SEQ" --densities "$DENSITIES"
           --num-sequences "$EVAL_SEQS" --retrieval-lengths "$RETRIEVAL_LENGTHS" --retrieval-samples "$RETRIEVAL_SAMPLES"
           --no-progress $EXTRA)
-  echo "== eval: query-head gates, oracle and baselines $(date -u +%T)"
-  $SJ eval "${common[@]}" --gates "$out/gates_query" --methods seer,oracle,streaming,vertical_slash,quest,moba \
+  echo "== eval: query-head gates (and oracle, baselines unless QUERY_METHODS says otherwise) $(date -u +%T)"
+  $SJ eval "${common[@]}" --gates "$out/gates_query" --methods "${QUERY_METHODS:-seer,oracle,streaming,vertical_slash,quest,moba}" \
     --out "$out/eval_query"
   cat "$out/eval_query/results.md"
   echo "== eval: KV-head gates $(date -u +%T)"

@@ -157,9 +157,21 @@ def pool_blocks(x_bthd: jax.Array, block_size: int, kinds: tuple[str, ...], leng
     """
     b, t, h, d = x_bthd.shape
     n = -(-t // block_size)
-    x = x_bthd.astype(jnp.float32)
     pad = n * block_size - t
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block_size, h, d)
+    # Pool in the input dtype with float32 accumulation: converting q (268 MB in bf16 at 32k tokens for
+    # Llama-3-8B) to float32 first would write and read twice that per layer.
+    x = x_bthd if pad == 0 else jnp.pad(x_bthd, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    x = x.reshape(b, n, block_size, h, d)
+    if lengths is None and pad == 0:  # every block full: no masking needed
+        outs = []
+        for kind in kinds:
+            if kind == "avg":
+                outs.append(jnp.mean(x, axis=2, dtype=jnp.float32))
+            elif kind == "max":
+                outs.append(jnp.max(x, axis=2).astype(jnp.float32))
+            else:
+                outs.append(jnp.min(x, axis=2).astype(jnp.float32))
+        return jnp.concatenate(outs, axis=-1)
     limit = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)
     pos = jnp.arange(n * block_size).reshape(n, block_size)
     valid = (pos[None] < limit[:, None, None])[..., None, None]  # [B, n, bs, 1, 1]
@@ -167,11 +179,11 @@ def pool_blocks(x_bthd: jax.Array, block_size: int, kinds: tuple[str, ...], leng
     outs = []
     for kind in kinds:
         if kind == "avg":
-            pooled = jnp.sum(jnp.where(valid, x, 0.0), axis=2) / jnp.maximum(count, 1)
+            pooled = jnp.sum(jnp.where(valid, x, 0), axis=2, dtype=jnp.float32) / jnp.maximum(count, 1)
         elif kind == "max":
-            pooled = jnp.max(jnp.where(valid, x, -jnp.inf), axis=2)
+            pooled = jnp.max(jnp.where(valid, x, -jnp.inf), axis=2).astype(jnp.float32)
         else:
-            pooled = jnp.min(jnp.where(valid, x, jnp.inf), axis=2)
+            pooled = jnp.min(jnp.where(valid, x, jnp.inf), axis=2).astype(jnp.float32)
         outs.append(jnp.where(count > 0, pooled, 0.0))
     return jnp.concatenate(outs, axis=-1)
 

@@ -210,7 +210,25 @@ def split_documents(docs: list[np.ndarray], heldout_fraction: float, seed: int =
     return [docs[i] for i in train], [docs[i] for i in held]
 
 
-def packed_from_source(source: str, tokenizer, seq_len: int, seed: int = 0) -> PackedSequences:
-    """The whole pipeline: SOURCE → documents → tokens → packed sequences."""
-    docs = tokenize_documents(load_texts(source), tokenizer)
+def packed_from_source(source: str, tokenizer, seq_len: int, seed: int = 0, retrieval_docs: int = 0) -> PackedSequences:
+    """The whole pipeline: SOURCE → documents → tokens → packed sequences; `retrieval_docs` synthetic
+    passkey / key–value / copy documents (haystacks from SOURCE, up to 0.9·seq_len tokens) mixed in."""
+    texts = load_texts(source)
+    docs = tokenize_documents(texts, tokenizer)
+    if retrieval_docs:
+        from seerjax.train.corpus import synthetic_documents
+
+        # Characters per token of this tokenizer on the data, so synthetic documents fit seq_len tokens.
+        chars = sum(len(texts[i]["text"]) for i in range(min(len(texts), 50)))
+        tokens = sum(len(d) for d in docs[:50])
+        max_chars = int(seq_len * max(chars / max(tokens, 1), 1.0))
+        synth = datasets_from_texts(synthetic_documents(texts, retrieval_docs, max_chars, seed=seed))
+        docs += tokenize_documents(synth, tokenizer)
     return PackedSequences(docs, seq_len, _eos_id(tokenizer), seed)
+
+
+def datasets_from_texts(texts: list[str]):
+    """A `datasets.Dataset` with one document per row in column `text`."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"text": list(texts)})

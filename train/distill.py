@@ -57,6 +57,7 @@ class DistillSettings:
     dtype: str = "bfloat16"
     implementation: str | None = None
     mesh: str | None = None
+    retrieval_docs: int = 0  # synthetic passkey / key-value / copy documents mixed into the data
     progress: bool = True
 
     def __post_init__(self):
@@ -67,6 +68,8 @@ class DistillSettings:
                 raise DistillError(f"{name} must be a positive integer, got {value!r}")
         if self.warmup < 0:
             raise DistillError(f"warmup must be >= 0, got {self.warmup}")
+        if not isinstance(self.retrieval_docs, (int, np.integer)) or self.retrieval_docs < 0:
+            raise DistillError(f"retrieval_docs must be an integer >= 0, got {self.retrieval_docs!r}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise DistillError(f"lr must be a positive number, got {self.lr}")
         if self.seq_len < self.block_size:
@@ -174,7 +177,7 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
         model = from_pretrained(s.model, dtype=s.dtype)
     gate_config = gate_config_from_settings(model.config, s)
     if data is None:
-        data = packed_from_source(s.data, load_tokenizer(s.model), s.seq_len, seed=s.seed)
+        data = packed_from_source(s.data, load_tokenizer(s.model), s.seq_len, seed=s.seed, retrieval_docs=s.retrieval_docs)
     if data.seq_len != s.seq_len:
         raise DistillError(f"data packs sequences of {data.seq_len} tokens but seq_len={s.seq_len}")
     attach_gates(model, gate_config, seed=s.seed)

@@ -84,12 +84,7 @@ def training_documents(s: PretrainSettings) -> list[np.ndarray]:
     texts = load_texts(s.data)
     docs = tokenize_documents(texts, ByteTokenizer())
     if s.retrieval_docs:
-        sample = [texts[i]["text"] for i in range(min(len(texts), 2000))]
-        rng = np.random.default_rng(s.seed)
-        lengths = rng.integers(s.seq_len // 8, int(s.seq_len * 0.9), size=s.retrieval_docs)
-        synth = []
-        for i, n in enumerate(lengths):
-            synth += corpus.retrieval_documents(1, sample, int(n), seed=s.seed * 100003 + i, first_kind=i)
+        synth = corpus.synthetic_documents(texts, s.retrieval_docs, s.seq_len, seed=s.seed)
         docs += [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in synth]
     return docs
 

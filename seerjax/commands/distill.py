@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="model compute dtype (bfloat16, float32, float16)")
     p.add_argument("--implementation", default=None, help="kernel implementation (default: fastest for the platform)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4,tensor=1 (default: one device)")
+    p.add_argument("--retrieval-docs", type=int, default=0,
+                   help="synthetic passkey / key-value / copy documents mixed into the data (haystacks from it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -49,6 +51,7 @@ def settings_from_args(args):
         dtype=args.dtype,
         implementation=args.implementation,
         mesh=args.mesh,
+        retrieval_docs=args.retrieval_docs,
         progress=not args.no_progress,
     )
 
