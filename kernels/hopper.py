@@ -1,0 +1,394 @@
+"""Block-sparse flash attention forward for Hopper (sm_90) in Pallas Mosaic GPU.
+
+Semantics are those of :func:`seerjax.kernels.reference.block_sparse_attention_reference`; the calling
+convention is that of :func:`seerjax.kernels.block_sparse.block_sparse_attention_pallas` (forward only for
+now: no custom VJP yet, so this is not differentiable).
+
+How the work is laid out (FlashAttention-3-like, warp specialized):
+
+* Outside the kernel (jnp, inside jit) the block mask becomes the same compact per-row lists as the
+  portable kernel (`block_tables` + `compact_block_lists` from :mod:`seerjax.kernels.block_sparse`): for
+  each (batch, mask head, query block) the visible selected key blocks in increasing order, and
+  `(lo, hi, count)`. For row lists `lo == 0`: entries `[0, hi)` need no element mask, `[hi, count)` do
+  (the causal diagonal, the partial last key block, a query block cut by `lengths`).
+* A CTA has `consumers` compute warpgroups plus one producer warpgroup. Every compute warpgroup owns a
+  64-row query tile (one wgmma M tile) of one query head; all tiles of a CTA share one list row, so each
+  K/V block that the producer fetches is used by all of them:
+    - per-KV-head masks: two query heads of the GQA group (same query rows),
+    - per-query-head masks with block 128: the two 64-row halves of the block,
+    - per-query-head masks with block 64: one compute warpgroup (nothing else shares the list).
+* The producer walks the list (loop bound = the row's count), and issues TMA copies of K and V of the
+  listed key block into a ring of `stages` shared-memory slots, each completing on an mbarrier; compute
+  warpgroups release a slot through a "consumed" barrier.
+* Compute: S = Q Kᵀ by wgmma (Q and K from shared memory), online softmax in float32 registers in base 2
+  (`log2(e) * sm_scale` folded into one multiply), P cast to q's dtype, O += P V by wgmma (P from
+  registers). The element mask is built only in the masked suffix of the list.
+* Output through shared memory (the Q tile's buffer) and a TMA store. Rows with no visible key are zero.
+* T and S that are not multiples of block_size are padded with zeros outside the kernel (then sliced).
+
+API notes (jax 0.10.2 on CPU hosts, 0.11.x on the GPU machine): the subset of `plgpu` used here
+(`kernel`, `SMEM`, `Barrier`, `copy_gmem_to_smem` with a barrier, `barrier_wait/arrive`, `wgmma`, `ACC`,
+`transpose_ref`, `layout_cast`, `Layout.WGMMA(.reduce)`, `broadcasted_iota`, `commit_smem`,
+`copy_smem_to_gmem`, `wait_smem_to_gmem`, `set_max_registers`, Tiling/Swizzle transforms) has the same
+signatures in both. `plgpu.kernel(out_shape=...)` is a deprecated alias of `out_type=` in 0.10 and
+missing `out_type` in older versions: :func:`_kernel_call` picks whichever the installed version takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Mosaic GPU Pallas; absent from very old or trimmed jax builds.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - exercised only on jax builds without Mosaic GPU
+    plgpu = None
+
+from seerjax.kernels.block_sparse import _pad_seq, block_tables, compact_block_lists, valid_lengths
+from seerjax.kernels.checks import AttentionShape
+
+LOG2_E = math.log2(math.e)
+WG_ROWS = 64  # query rows per compute warpgroup: one wgmma M tile
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+
+
+def hopper_supported(shape: AttentionShape, mask_heads: int, dtype) -> bool:
+    """Whether :func:`block_sparse_attention_hopper` handles this call (else use the portable kernel).
+
+    Supported: bf16/fp16, head_dim 64 or 128, block_size 64 or 128, mask heads Hq or Hkv, Mosaic GPU
+    importable. (Where the device is not a Hopper GPU, dispatch has to check that separately.)
+    """
+    if plgpu is None:
+        return False
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        return False
+    if shape.head_dim not in SUPPORTED_HEAD_DIMS or shape.block_size not in SUPPORTED_BLOCK_SIZES:
+        return False
+    if mask_heads not in (shape.q_heads, shape.kv_heads):
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperPlan:
+    """Static launch facts of one call.
+
+    Attributes:
+      shape: the call's AttentionShape.
+      mask_heads: Hm (Hq or Hkv).
+      has_lengths: right-padding lengths given.
+      stages: K/V shared-memory ring depth (>= 2).
+      consumers: compute warpgroups per CTA (1 or 2).
+    """
+
+    shape: AttentionShape
+    mask_heads: int
+    has_lengths: bool
+    stages: int
+    consumers: int
+
+    @property
+    def share(self) -> int:
+        """Query heads per mask head (G for per-KV-head masks, 1 for per-query-head masks)."""
+        return self.shape.q_heads // self.mask_heads
+
+    @property
+    def subtiles(self) -> int:
+        """64-row tiles per query block."""
+        return self.shape.block_size // WG_ROWS
+
+    @property
+    def tiles_per_row(self) -> int:
+        """64-row tiles that share one list row: heads sharing the mask head times sub-tiles."""
+        return self.share * self.subtiles
+
+    @property
+    def ctas_per_row(self) -> int:
+        return self.tiles_per_row // self.consumers
+
+    @property
+    def any_masked(self) -> bool:
+        sh = self.shape
+        return sh.causal or self.has_lengths or sh.kv_len % sh.block_size != 0
+
+
+def make_hopper_plan(
+    shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
+    consumers: int | None = None,
+) -> HopperPlan:
+    tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
+    if consumers is None:
+        consumers = 2 if tiles % 2 == 0 else 1
+    if consumers not in (1, 2) or tiles % consumers:
+        raise ValueError(f"consumers must be 1 or 2 and divide the {tiles} tiles sharing a list, got {consumers}")
+    if stages is None:
+        stages = 2
+    if stages < 2:
+        raise ValueError(f"stages must be >= 2, got {stages}")
+    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers)
+
+
+def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
+    """Shared memory of one CTA: Q/O tiles plus the K and V rings (barriers ignored)."""
+    d, bs = plan.shape.head_dim, plan.shape.block_size
+    return itemsize * (plan.consumers * WG_ROWS * d + 2 * plan.stages * bs * d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _kernel_body(
+    lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, plan: HopperPlan, interpreted: bool
+):
+    sh = plan.shape
+    bs, d, stages, consumers = sh.block_size, sh.head_dim, plan.stages, plan.consumers
+    dtype = q_ref.dtype
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scoped
+
+    qblk = sh.nq - 1 - lax.axis_index("q")  # long causal rows first
+    chunk = lax.axis_index("h")
+    b = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    mhead = lax.div(chunk, jnp.int32(plan.ctas_per_row)) if plan.ctas_per_row > 1 else chunk
+    first_tile = lax.rem(chunk, jnp.int32(plan.ctas_per_row)) * consumers if plan.ctas_per_row > 1 else 0
+    kv_head = lax.div(mhead * plan.share, jnp.int32(sh.group)) if sh.group > 1 else mhead
+
+    # Register layouts (wgmma's accumulator layout) are compile-time annotations; the CPU interpreter has
+    # no rule for them and needs none.
+    if interpreted:
+        cast = lambda x, layout: x  # noqa: E731
+        iota = functools.partial(lax.broadcasted_iota, jnp.int32)
+    else:
+        cast = plgpu.layout_cast
+        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
+
+    count = spans_ref[b, mhead, qblk, 2]
+    n_full = spans_ref[b, mhead, qblk, 1]  # lo == 0 for row lists: [0, hi) full, [hi, count) masked
+
+    @pl.when(wg < consumers)
+    def _compute():
+        if consumers == 2:
+            plgpu.set_max_registers(232, action="increase")
+        tile = first_tile + wg
+        if plan.subtiles > 1:
+            head_off = lax.div(tile, jnp.int32(plan.subtiles))
+            sub = lax.rem(tile, jnp.int32(plan.subtiles))
+        else:
+            head_off, sub = tile, 0
+        head = mhead * plan.share + head_off
+        row0 = qblk * bs + sub * WG_ROWS
+        q_tile = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, WG_ROWS), head], q_tile, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        valid = valid_ref[b]
+        scale2 = jnp.float32(sh.sm_scale * LOG2_E)
+        offset = sh.kv_len - sh.q_len
+
+        def step(it, carry, masked: bool):
+            acc, m_prev, l_prev = carry
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+
+            if interpreted:  # the CPU interpreter's wgmma takes no transposed operand: a plain dot
+                s = lax.dot_general(
+                    q_tile[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                    preferred_element_type=jnp.float32,
+                )
+            else:
+                s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bs), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                start = lists_ref[b, mhead, qblk, it] * bs
+                rows = iota((WG_ROWS, bs), 0) + row0
+                cols = iota((WG_ROWS, bs), 1) + start
+                vis = cols < valid
+                if sh.causal:
+                    vis = vis & (cols <= rows + offset)
+                if plan.has_lengths:
+                    vis = vis & (rows < valid)
+                s = jnp.where(vis, s, -jnp.inf)
+            m_next = jnp.maximum(m_prev, s.max(axis=1) * scale2)
+            if masked:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
+                m_use = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+            else:
+                m_use = m_next
+            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            alpha = jnp.exp2(m_prev - m_use)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_next = l_prev * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+            if interpreted:  # the CPU interpreter's wgmma takes no register operand: a plain dot
+                acc = acc + lax.dot_general(
+                    p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                )
+            else:  # wgmma accumulates onto acc in registers
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_next, l_next
+
+        carry = (
+            cast(jnp.full((WG_ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA),
+            cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            cast(jnp.full((WG_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        )
+        if plan.any_masked:
+            carry = lax.fori_loop(0, n_full, functools.partial(_call_step, step, False), carry)
+            carry = lax.fori_loop(n_full, count, functools.partial(_call_step, step, True), carry)
+        else:
+            carry = lax.fori_loop(0, count, functools.partial(_call_step, step, False), carry)
+        acc, _, l = carry
+        l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
+        q_tile[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(row0, WG_ROWS), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == consumers)
+    def _produce():
+        if consumers == 2:
+            plgpu.set_max_registers(40, action="decrease")
+
+        @pl.loop(0, count)
+        def _fetch(it):
+            slot = lax.rem(it, jnp.int32(stages))
+            keys = pl.ds(lists_ref[b, mhead, qblk, it] * bs, bs)
+
+            @pl.when(it >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(it >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        # Observe the last releases too: every barrier phase is then waited on by its waiter before the
+        # CTA's barriers go away (the interpreter checks this; on the GPU it costs the idle producer only).
+        @pl.loop(jnp.maximum(count - stages, 0), count)
+        def _drain(it):
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def _call_step(step, masked, it, carry):
+    return step(it, carry, masked)
+
+
+def _kernel_call(body, out_type, **kwargs):
+    """plgpu.kernel with the output type under whichever keyword this jax version takes."""
+    params = inspect.signature(plgpu.kernel).parameters
+    key = "out_type" if "out_type" in params else "out_shape"
+    return plgpu.kernel(body, **{key: out_type}, **kwargs)
+
+
+def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None):
+    """Padded q `[B,Tp,Hq,D]`, k/v `[B,Sp,Hkv,D]` → out `[B,Tp,Hq,D]` (every row written)."""
+    sh = plan.shape
+    d, bs, stages, consumers = sh.head_dim, sh.block_size, plan.stages, plan.consumers
+    dtype = q.dtype
+    # 128-byte swizzle: 64 16-bit elements per swizzled row, the layout wgmma reads.
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def entry(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref):
+        pl.run_scoped(
+            lambda *scoped: _kernel_body(
+                lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, scoped, plan=plan,
+                interpreted=interpret is not None,
+            ),
+            (
+                plgpu.SMEM((consumers, WG_ROWS, d), dtype, transforms=transforms),
+                plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+                plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+            ),
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=consumers),
+            ),
+            (
+                plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+            ),
+            collective_axes="wg",
+        )
+
+    kernel = _kernel_call(
+        entry,
+        jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(sh.nq, plan.mask_heads * plan.ctas_per_row, sh.batch),
+        grid_names=("q", "h", "b"),
+        num_threads=consumers + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else {"interpret": interpret}),
+    )
+    return kernel(lists, spans, valid, q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "interpret"))
+def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None):
+    sh = plan.shape
+    visible, full = block_tables(block_mask, sh, lengths)
+    lists, spans = compact_block_lists(visible, full)
+    valid = valid_lengths(sh, lengths)
+    t_pad, s_pad = sh.nq * sh.block_size, sh.nk * sh.block_size
+    q_p, k_p, v_p = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
+    out_p = _forward_call(plan, lists, spans, valid, q_p, k_p, v_p, interpret)
+    return out_p[:, : sh.q_len]
+
+
+def block_sparse_attention_hopper(
+    q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
+    consumers: int | None = None, interpret=None,
+):
+    """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
+
+    Args:
+      q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
+      block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
+      lengths: optional int `[B]` right-padding lengths.
+      stages, consumers: launch shape (tuning); None picks defaults.
+      interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
+        `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
+
+    Returns:
+      out `[B, T, Hq, D]` in q's dtype; rows with no visible selected key are zero.
+    """
+    mask_heads = int(block_mask.shape[1])
+    if not hopper_supported(shape, mask_heads, q.dtype):
+        raise ValueError(
+            f"block_sparse_attention_hopper does not support dtype {jnp.dtype(q.dtype).name}, head_dim "
+            f"{shape.head_dim}, block_size {shape.block_size}, mask heads {mask_heads}; expected dtype in "
+            f"{[t.name for t in SUPPORTED_DTYPES]}, head_dim in {SUPPORTED_HEAD_DIMS}, block_size in "
+            f"{SUPPORTED_BLOCK_SIZES} (use the portable kernel)"
+        )
+    plan = make_hopper_plan(shape, mask_heads, lengths is not None, stages=stages, consumers=consumers)
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+    return _forward_jit(q, k, v, block_mask, lengths, plan, interpret)

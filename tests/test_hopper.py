@@ -1,0 +1,265 @@
+"""Hopper (Mosaic GPU) block-sparse forward: CPU cross-lowering checks and GPU comparisons.
+
+On CPU the kernel cannot run (Mosaic GPU kernels have no CPU interpret path here), but the whole
+Pallas -> Mosaic GPU lowering does run on a CPU host with `lower(lowering_platforms=("cuda",))`: layout
+inference, wgmma operand shapes and swizzles, TMA slicing. What stays unchecked without a GPU is the
+final compile of that module (LLVM -> PTX -> ptxas: registers, shared memory limits), done by the CUDA
+plugin at XLA compile time, and of course the values: the `gpu`-marked tests check those
+(`pytest -m gpu tests/test_hopper.py` on the device machine).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seerjax.kernels import block_sparse as bsp
+from seerjax.kernels import hopper
+from seerjax.kernels import reference
+from seerjax.kernels.checks import check_attention_inputs
+
+from sparse_cases import assert_matches, random_block_mask
+
+pytestmark = pytest.mark.skipif(hopper.plgpu is None, reason="jax build without Pallas Mosaic GPU")
+
+
+def _shape(b, t, s, hq, hkv, d, bs, *, causal=True, lengths=False, dtype=jnp.bfloat16):
+    q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
+    kv = jax.ShapeDtypeStruct((b, s, hkv, d), dtype)
+    n = jax.ShapeDtypeStruct((b,), jnp.int32) if lengths else None
+    return q, kv, n, check_attention_inputs(q, kv, kv, causal=causal, block_size=bs, sm_scale=None, lengths=n)
+
+
+def _lower(q, kv, lengths, shape, mask_heads, monkeypatch):
+    """Lowers the kernel for CUDA on this host; returns (StableHLO text, Mosaic GPU module texts)."""
+    from jax._src.pallas.mosaic_gpu import pallas_call_registration as registration
+
+    modules = []
+    real = registration.lowering.lower_pipelined_jaxpr_to_module
+
+    def capture(*args, **kwargs):
+        result = real(*args, **kwargs)
+        modules.append(str(result.module.operation))
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_pipelined_jaxpr_to_module", capture)
+    mask = jax.ShapeDtypeStruct((shape.batch, mask_heads, shape.nq, shape.nk), jnp.bool_)
+
+    def forward(q, k, v, m, n):
+        return hopper.block_sparse_attention_hopper(q, k, v, m, shape, lengths=n)
+
+    lowered = jax.jit(forward).trace(q, kv, kv, mask, lengths).lower(lowering_platforms=("cuda",))
+    return lowered.as_text(), modules
+
+
+def _check_module(stablehlo: str, modules: list, shape, dtype: str):
+    assert stablehlo.count("custom_call @mosaic_gpu") == 1
+    assert len(modules) == 1
+    (module,) = modules
+    d, bs = shape.head_dim, shape.block_size
+    wgmma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\.", module)
+    shapes = {m for m, _ in wgmma}
+    assert f"m64n{bs}k16" in shapes, shapes  # S = Q K^T: 64 rows x block keys
+    assert f"m64n{d}k16" in shapes, shapes  # O += P V: 64 rows x head_dim
+    assert {t for _, t in wgmma} == {dtype}
+    assert "nvvm.cp.async.bulk.tensor.shared.cluster.global" in module  # TMA loads (Q, K, V)
+    assert "nvvm.cp.async.bulk.tensor.global.shared.cta" in module  # TMA store (out)
+    assert "nvvm.mbarrier.try_wait.parity" in module
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def test_supported_shapes():
+    _, _, _, sh = _shape(1, 1024, 1024, 32, 8, 128, 64)
+    assert hopper.hopper_supported(sh, 8, jnp.bfloat16)
+    assert hopper.hopper_supported(sh, 32, jnp.float16)
+    assert not hopper.hopper_supported(sh, 32, jnp.float32)
+    assert not hopper.hopper_supported(sh, 4, jnp.bfloat16)
+    for d, bs, ok in ((64, 64, True), (64, 128, True), (128, 128, True), (256, 64, False), (128, 32, False),
+                      (32, 64, False)):
+        _, _, _, sh = _shape(1, 512, 512, 4, 2, d, bs)
+        assert hopper.hopper_supported(sh, 2, jnp.bfloat16) is ok, (d, bs)
+    _, _, _, sh = _shape(1, 512, 512, 4, 2, 256, 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        q = jnp.zeros((1, 512, 4, 256), jnp.bfloat16)
+        kv = jnp.zeros((1, 512, 2, 256), jnp.bfloat16)
+        hopper.block_sparse_attention_hopper(q, kv, kv, jnp.ones((1, 2, 8, 8), bool), sh)
+
+
+@pytest.mark.parametrize("causal,lengths,t,s", [(True, False, 300, 300), (True, False, 200, 328),
+                                                 (True, True, 333, 333), (False, False, 250, 190)])
+def test_row_lists_have_no_masked_prefix(causal, lengths, t, s):
+    """The kernel walks entries [0, hi) without element mask and [hi, count) with it, so it relies on
+    lo == 0 in the row lists (masked tiles are a suffix); checked on random masks."""
+    rng = np.random.default_rng(0)
+    _, _, n, sh = _shape(2, t, s, 4, 2, 64, 64, causal=causal, lengths=lengths)
+    for heads, density in ((2, 0.3), (4, 0.7), (4, 1.0)):
+        mask = jnp.asarray(random_block_mask(rng, sh, heads, density))
+        lens = jnp.asarray(rng.integers(0, t + 1, size=2), jnp.int32) if lengths else None
+        visible, full = bsp.block_tables(mask, sh, lens)
+        _, spans = bsp.compact_block_lists(visible, full)
+        assert np.all(np.asarray(spans[..., 0]) == 0)
+
+
+@pytest.mark.parametrize("mask_heads", ["kv", "q"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_production_shape_lowers_for_cuda(mask_heads, with_lengths, monkeypatch):
+    """Llama-3-8B at 32k: B 1, T 32768, 32 q / 8 kv heads, D 128, bf16, block 64."""
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64, lengths=with_lengths)
+    heads = 8 if mask_heads == "kv" else 32
+    text, modules = _lower(q, kv, n, sh, heads, monkeypatch)
+    _check_module(text, modules, sh, "bf16")
+    plan = hopper.make_hopper_plan(sh, heads, with_lengths)
+    # per-KV-head: 2 heads of a group per CTA (2 CTAs per list row); per-query-head block 64: 1 consumer.
+    assert (plan.consumers, plan.ctas_per_row) == ((2, 2) if mask_heads == "kv" else (1, 1))
+    assert hopper.smem_bytes(plan) <= 227 * 1024
+
+
+@pytest.mark.parametrize(
+    "b,t,s,hq,hkv,d,bs,causal,lengths,dtype,mask_heads",
+    [
+        (2, 1000, 1000, 4, 2, 64, 64, True, True, "float16", 4),  # partial block, lengths, per-q-head
+        (1, 512, 640, 8, 2, 128, 128, True, False, "bfloat16", 8),  # T < S, block 128, per-q-head: 2 halves
+        (1, 384, 384, 8, 2, 128, 128, True, False, "bfloat16", 2),  # block 128, per-kv-head: 2x4 tiles
+        (1, 300, 200, 6, 2, 64, 64, False, False, "bfloat16", 2),  # non-causal, G 3: 1 consumer
+        (1, 256, 256, 2, 2, 128, 64, False, False, "float16", 2),  # no element mask at all
+    ],
+)
+def test_variants_lower_for_cuda(b, t, s, hq, hkv, d, bs, causal, lengths, dtype, mask_heads, monkeypatch):
+    dt = jnp.dtype(dtype)
+    q, kv, n, sh = _shape(b, t, s, hq, hkv, d, bs, causal=causal, lengths=lengths, dtype=dt)
+    text, modules = _lower(q, kv, n, sh, mask_heads, monkeypatch)
+    _check_module(text, modules, sh, "bf16" if dtype == "bfloat16" else "f16")
+
+
+def test_stages_and_consumers_options(monkeypatch):
+    q, kv, n, sh = _shape(1, 512, 512, 8, 2, 128, 64)
+    with pytest.raises(ValueError, match="stages"):
+        hopper.make_hopper_plan(sh, 2, False, stages=1)
+    with pytest.raises(ValueError, match="consumers"):
+        hopper.make_hopper_plan(sh, 8, False, consumers=2)  # per-q-head, block 64: 1 tile per list row
+    plan = hopper.make_hopper_plan(sh, 2, False, stages=3, consumers=1)
+    assert plan.ctas_per_row == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU: Mosaic GPU interpret mode (jax's private InterpretGPUParams) runs the kernel's warpgroups, TMA
+# copies and mbarriers on the CPU, with its race detector, NaN-filled fresh buffers (an unwritten output
+# tile fails the finiteness check) and a check that every barrier phase was observed. Its wgmma accepts
+# neither a transposed nor a register operand, so there the two products are plain dots: everything but
+# the wgmma calls (and register layouts) is exercised.
+# --------------------------------------------------------------------------------------------------
+
+INTERPRET_CASES = [
+    # b, t, s, hq, hkv, d, bs, causal, lengths, dtype, per_query_head_mask, density, stages, consumers
+    pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "bfloat16", False, 0.6, None, None), id="kv-mask"),
+    pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", True, 0.5, None, None), id="q-mask-lengths"),
+    pytest.param((1, 128, 256, 4, 1, 64, 128, True, False, "bfloat16", True, 0.7, None, None), id="bs128-T<S"),
+    pytest.param((1, 256, 256, 2, 1, 64, 128, True, False, "bfloat16", False, 0.7, 3, None), id="bs128-3stages",
+                 marks=pytest.mark.slow),
+    pytest.param((1, 150, 100, 3, 1, 64, 64, False, False, "bfloat16", False, 0.8, None, None), id="noncausal-G3",
+                 marks=pytest.mark.slow),
+    pytest.param((1, 256, 256, 2, 2, 64, 64, False, False, "float16", False, 1.0, 2, None), id="unmasked",
+                 marks=pytest.mark.slow),
+    pytest.param((1, 256, 256, 4, 2, 64, 64, True, False, "bfloat16", False, 0.5, 2, 1), id="1-consumer",
+                 marks=pytest.mark.slow),
+]
+
+
+def _random_problem(case, seed):
+    b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, per_q, density = case[:12]
+    dt = jnp.dtype(dtype)
+    _, _, _, sh = _shape(b, t, s, hq, hkv, d, bs, causal=causal, lengths=use_lengths, dtype=dt)
+    rng = np.random.default_rng(seed)
+
+    def normal(*dims):
+        return jnp.asarray(rng.standard_normal(dims, dtype=np.float32)).astype(dt)
+
+    q, k, v = normal(b, t, hq, d), normal(b, s, hkv, d), normal(b, s, hkv, d)
+    mask = jnp.asarray(random_block_mask(rng, sh, hq if per_q else hkv, density))  # incl. empty rows
+    lengths = None
+    if use_lengths:
+        lengths = jnp.asarray(rng.integers(0, t + 1, size=b), jnp.int32)
+        lengths = lengths.at[0].set(t - 37 if t > 37 else t)  # a query block cut by the length
+    return sh, q, k, v, mask, lengths
+
+
+def _reference(sh, q, k, v, mask, lengths):
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    fn = jax.jit(lambda q, k, v, m, n: reference.block_sparse_attention_reference(f32(q), f32(k), f32(v), m, sh, n))
+    return np.asarray(fn(q, k, v, mask, lengths))
+
+
+def _check(out, want, sh, dtype, context):
+    out = np.asarray(out)
+    assert_matches({"out": out}, {"out": want}, jnp.dtype(dtype), sh, context=repr(context))
+    # Rows with no visible key must be exact zeros (also catches unwritten output tiles).
+    empty = (want == 0).all(axis=-1)
+    assert np.all(out[empty] == 0)
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+def test_matches_reference_in_interpret_mode(case):
+    try:  # private jax modules (same paths in 0.10.2 and 0.11.x)
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as err:
+        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
+
+    sh, q, k, v, mask, lengths = _random_problem(case, seed=1)
+    stages, consumers = case[12:]
+    gpu_interpret.reset_gpu_interpret_mode_state()
+    try:
+        out = hopper.block_sparse_attention_hopper(
+            q, k, v, mask, sh, lengths=lengths, stages=stages, consumers=consumers,
+            interpret=InterpretGPUParams(detect_races=True),
+        )
+        out = np.asarray(out)
+        assert not gpu_interpret.get_races().races_found
+    finally:
+        gpu_interpret.reset_gpu_interpret_mode_state()
+    _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU (H100/H200): values against the reference
+# --------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # b, t, s, hq, hkv, d, bs, causal, lengths, dtype, per_query_head_mask, density
+    (1, 256, 256, 4, 2, 128, 64, True, False, "bfloat16", False, 0.5),
+    (2, 1000, 1000, 4, 2, 64, 64, True, True, "float16", True, 0.3),
+    (2, 777, 777, 8, 2, 128, 64, True, True, "bfloat16", False, 0.3),
+    (1, 512, 640, 8, 2, 128, 128, True, False, "bfloat16", True, 0.4),
+    (1, 384, 384, 8, 2, 128, 128, True, False, "float16", False, 0.4),
+    (1, 300, 200, 6, 2, 64, 64, False, False, "bfloat16", False, 0.6),
+    (1, 512, 512, 4, 4, 128, 64, False, False, "bfloat16", True, 1.0),
+    (1, 8192, 8192, 8, 2, 128, 64, True, False, "bfloat16", False, 0.1),
+    (1, 8192, 8192, 8, 2, 128, 64, True, True, "bfloat16", True, 0.1),
+]
+
+
+def _gpu_available() -> bool:
+    try:
+        return any(dev.platform == "gpu" for dev in jax.devices())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_reference_on_gpu(case, seed):
+    if not _gpu_available():
+        pytest.skip("needs a Hopper GPU")
+    sh, q, k, v, mask, lengths = _random_problem(case, seed=1000 * seed + case[1])
+    out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths)
+    # float32 reference on the device (the [B, Hq, T, S] scores fit at 8k with 8 heads).
+    _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
