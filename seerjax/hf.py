@@ -325,3 +325,22 @@ def save_pretrained(model: LlamaModel, path: str | os.PathLike, *, max_shard_siz
     hf_config["dtype"] = jnp.dtype(model.param_dtype).name
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+# config.json keys seerjax adds beside the model's own (the byte-level tokenizer marker), kept by every export.
+SEERJAX_CONFIG_KEYS = ("seerjax_tokenizer", "eos_token_id")
+
+
+def copy_seerjax_config_keys(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+    """Copies :data:`SEERJAX_CONFIG_KEYS` from `src_dir/config.json` into `dst_dir/config.json` (both must exist)."""
+    with open(os.path.join(src_dir, "config.json")) as f:
+        src = json.load(f)
+    extra = {k: src[k] for k in SEERJAX_CONFIG_KEYS if k in src}
+    if not extra:
+        return
+    path = os.path.join(dst_dir, "config.json")
+    with open(path) as f:
+        dst = json.load(f)
+    dst.update(extra)
+    with open(path, "w") as f:
+        json.dump(dst, f, indent=2)

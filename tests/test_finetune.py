@@ -190,6 +190,9 @@ def test_export_loads_in_seerjax_and_transformers(files, reference_run):
     assert np.mean([x["gate_loss"] for x in lines[-3:]]) < np.mean([x["gate_loss"] for x in lines[:3]])
 
     model = seerjax.from_pretrained(out, dtype="float32")
+    from seerjax.train.data import ByteTokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer(str(out)), ByteTokenizer)  # the byte-level marker survives the export
     assert model.config.rope.rope_type == "yarn" and model.config.rope.factor == 4.0
     assert model.config.rope.original_max_position_embeddings == 64 and model.config.max_position_embeddings == 256
     original = load_file(str(files / "model" / "model.safetensors"))

@@ -628,7 +628,7 @@ def _source_dtype(model_dir: str):
 def export(state: TrainState, s: FinetuneSettings, dtype) -> None:
     """Writes the fine-tuned model (HF format, ``dtype``, YaRN rope config) and its gates into ``s.out``."""
     from seerjax.gates_io import model_gates, save_gates
-    from seerjax.hf import save_pretrained
+    from seerjax.hf import copy_seerjax_config_keys, save_pretrained
 
     dtype = resolve_dtype(dtype, "export_dtype")
     host = shd.host_tree(state.trainable)  # every process takes part in gathering
@@ -637,6 +637,7 @@ def export(state: TrainState, s: FinetuneSettings, dtype) -> None:
     params = jax.tree.map(lambda x: x.astype(np.dtype(dtype)), host["params"])
     graphdef, _ = nnx.split(abstract_model(state.model.config, None, dtype, param_dtype=dtype))
     save_pretrained(nnx.merge(graphdef, params), s.out)
+    copy_seerjax_config_keys(s.model, s.out)  # e.g. the byte-level tokenizer marker
     for name in TOKENIZER_FILES:
         src = os.path.join(s.model, name)
         if os.path.isfile(src):

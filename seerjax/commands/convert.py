@@ -19,7 +19,7 @@ def run(args) -> int:
     import jax
     from flax import nnx
 
-    from seerjax.hf import from_pretrained, save_pretrained
+    from seerjax.hf import copy_seerjax_config_keys, from_pretrained, save_pretrained
 
     model = from_pretrained(args.model, dtype=args.dtype)
     save_pretrained(model, args.out, max_shard_size=args.max_shard_size)
@@ -28,19 +28,7 @@ def run(args) -> int:
         src = os.path.join(args.model, name)
         if os.path.exists(src):
             shutil.copy(src, os.path.join(args.out, name))
-    # Keys seerjax itself adds to config.json (the byte-level tokenizer marker) travel with the export.
-    import json
-
-    with open(os.path.join(args.model, "config.json")) as f:
-        src_cfg = json.load(f)
-    extra = {k: src_cfg[k] for k in ("seerjax_tokenizer", "eos_token_id") if k in src_cfg}
-    if extra:
-        out_cfg_path = os.path.join(args.out, "config.json")
-        with open(out_cfg_path) as f:
-            out_cfg = json.load(f)
-        out_cfg.update(extra)
-        with open(out_cfg_path, "w") as f:
-            json.dump(out_cfg, f, indent=2)
+    copy_seerjax_config_keys(args.model, args.out)  # e.g. the byte-level tokenizer marker
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"converted {n:,} parameters to {args.dtype}: {args.out}")
     return 0
