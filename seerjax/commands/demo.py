@@ -4,7 +4,8 @@ pretrain a byte-level base model on the embedded corpus → distill its AttnGate
 SeerAttention vs the oracle and the training-free baselines at densities 0.5, 0.25 and 0.1 (perplexity,
 attention-mass recall, passkey retrieval) → a table and plots in OUT/eval.
 
-`--scale cpu` (default) fits about ten minutes on two CPU cores; `--scale gpu` is the study's recipe for one H100.
+`--scale cpu` (default) fits about ten minutes on two CPU cores; `--scale gpu` is the study's recipe for one H100;
+`--scale tiny` runs every stage in about a minute (for tests; no quality to read from it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ import time
 
 SCALES = {
     "cpu": dict(
-        preset="mini", seq_len=512, pretrain_steps=160, pretrain_batch=8, pretrain_lr=4e-3, retrieval_docs=1500,
+        preset="mini", seq_len=512, pretrain_steps=140, pretrain_batch=6, pretrain_lr=4e-3, retrieval_docs=1500,
         distill_steps=300, distill_batch=2, distill_lr=5e-3, block_size=32, d_gate=32, eval_sequences=4,
         retrieval_samples=2,
+    ),
+    # CI: the whole job in about a minute, to test the command itself (no quality).
+    "tiny": dict(
+        preset="tiny", seq_len=128, pretrain_steps=4, pretrain_batch=2, pretrain_lr=4e-3, retrieval_docs=12,
+        distill_steps=2, distill_batch=1, distill_lr=5e-3, block_size=16, d_gate=32, eval_sequences=1,
+        retrieval_samples=1,
     ),
     # The study's recipe (eval/study.sh, docs/results.md): about 6 minutes of pretraining on one H100.
     "gpu": dict(
@@ -30,7 +37,7 @@ SCALES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (base/, gates/, eval/)")
-    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="cpu: minutes on 2 cores; gpu: the study recipe")
+    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="cpu: minutes on 2 cores; gpu: the study recipe; tiny: a smoke test")
     p.add_argument("--densities", default="0.5,0.25,0.1", help="comma-separated densities to evaluate")
     p.add_argument("--gate-heads", default="query", choices=("query", "kv"))
     p.add_argument("--seed", type=int, default=0)
