@@ -185,6 +185,8 @@ def test_bad_settings_are_named(tmp_path):
         settings(tmp_path, steps=0)
     with pytest.raises(DistillError, match="lr"):
         settings(tmp_path, lr=-1.0)
+    with pytest.raises(DistillError, match="retrieval_docs must be an integer >= 0, got -3"):
+        settings(tmp_path, retrieval_docs=-3)
     with pytest.raises(ValueError, match="heads"):
         distill(settings(tmp_path, gate_heads="both"), model=peaky_model(), data=PackedSequences(random_docs(), 128, 256))
     with pytest.raises(DistillError, match="seq_len"):
@@ -208,3 +210,16 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     p = _cli(["distill", "--model", str(tmp_path / "missing"), "--data", str(text), "--seq-len", "128", "--steps", "1", "--out", str(tmp_path / "o")])
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 2 and "does not exist" in out and "Traceback" not in out
+
+
+def test_retrieval_documents_are_mixed_into_the_gate_data(tmp_path):
+    """`--retrieval-docs N` adds N synthetic documents, each ending up inside the packed stream."""
+    from seerjax.train.data import ByteTokenizer, packed_from_source
+
+    text = tmp_path / "doc.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 400)
+    plain = packed_from_source(str(text), ByteTokenizer(), 256, seed=0)
+    mixed = packed_from_source(str(text), ByteTokenizer(), 256, seed=0, retrieval_docs=6)
+    assert len(mixed.docs) == len(plain.docs) + 6
+    stream = b"".join(bytes(d.astype("uint8")) for d in mixed.docs[len(plain.docs):])
+    assert b"The pass key is" in stream and b"The value of key" in stream
