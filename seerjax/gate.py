@@ -162,29 +162,21 @@ def pool_blocks(x_bthd: jax.Array, block_size: int, kinds: tuple[str, ...], leng
     # Llama-3-8B) to float32 first would write and read twice that per layer.
     x = x_bthd if pad == 0 else jnp.pad(x_bthd, ((0, 0), (0, pad), (0, 0), (0, 0)))
     x = x.reshape(b, n, block_size, h, d)
-    if lengths is None and pad == 0:  # every block full: no masking needed
-        outs = []
-        for kind in kinds:
-            if kind == "avg":
-                outs.append(jnp.mean(x, axis=2, dtype=jnp.float32))
-            elif kind == "max":
-                outs.append(jnp.max(x, axis=2).astype(jnp.float32))
-            else:
-                outs.append(jnp.min(x, axis=2).astype(jnp.float32))
-        return jnp.concatenate(outs, axis=-1)
-    limit = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)
-    pos = jnp.arange(n * block_size).reshape(n, block_size)
-    valid = (pos[None] < limit[:, None, None])[..., None, None]  # [B, n, bs, 1, 1]
-    count = jnp.sum(valid, axis=2)  # [B, n, 1, 1]
+    valid, count = None, block_size  # every block full: no masking needed
+    if lengths is not None or pad:
+        limit = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)
+        pos = jnp.arange(n * block_size).reshape(n, block_size)
+        valid = (pos[None] < limit[:, None, None])[..., None, None]  # [B, n, bs, 1, 1]
+        count = jnp.sum(valid, axis=2)  # [B, n, 1, 1]
+    fill = {"avg": 0, "max": -jnp.inf, "min": jnp.inf}
     outs = []
     for kind in kinds:
+        src = x if valid is None else jnp.where(valid, x, fill[kind])
         if kind == "avg":
-            pooled = jnp.sum(jnp.where(valid, x, 0), axis=2, dtype=jnp.float32) / jnp.maximum(count, 1)
-        elif kind == "max":
-            pooled = jnp.max(jnp.where(valid, x, -jnp.inf), axis=2).astype(jnp.float32)
+            pooled = jnp.sum(src, axis=2, dtype=jnp.float32) / jnp.maximum(count, 1)
         else:
-            pooled = jnp.min(jnp.where(valid, x, jnp.inf), axis=2).astype(jnp.float32)
-        outs.append(jnp.where(count > 0, pooled, 0.0))
+            pooled = (jnp.max if kind == "max" else jnp.min)(src, axis=2).astype(jnp.float32)
+        outs.append(pooled if valid is None else jnp.where(count > 0, pooled, 0.0))
     return jnp.concatenate(outs, axis=-1)
 
 
