@@ -120,7 +120,7 @@ def load_texts(source: str):
         texts.extend(_read_file(path))
     if not texts:
         raise DataError(f"data source {source!r} holds no documents")
-    return datasets.Dataset.from_dict({"text": texts})
+    return datasets_from_texts(texts)
 
 
 def _read_file(path: str) -> list[str]:
@@ -216,15 +216,20 @@ def packed_from_source(source: str, tokenizer, seq_len: int, seed: int = 0, retr
     texts = load_texts(source)
     docs = tokenize_documents(texts, tokenizer)
     if retrieval_docs:
-        from seerjax.train.corpus import synthetic_documents
-
         # Characters per token of this tokenizer on the data, so synthetic documents fit seq_len tokens.
         chars = sum(len(texts[i]["text"]) for i in range(min(len(texts), 50)))
         tokens = sum(len(d) for d in docs[:50])
         max_chars = int(seq_len * max(chars / max(tokens, 1), 1.0))
-        synth = datasets_from_texts(synthetic_documents(texts, retrieval_docs, max_chars, seed=seed))
-        docs += tokenize_documents(synth, tokenizer)
+        docs += synthetic_token_documents(texts, tokenizer, retrieval_docs, max_chars, seed=seed)
     return PackedSequences(docs, seq_len, _eos_id(tokenizer), seed)
+
+
+def synthetic_token_documents(texts_ds, tokenizer, n: int, max_chars: int, seed: int = 0) -> list[np.ndarray]:
+    """n synthetic passkey / key–value / copy documents of up to 0.9·max_chars characters, haystacks cut
+    from `texts_ds`, tokenized like the data (`seerjax.train.corpus.synthetic_documents`)."""
+    from seerjax.train.corpus import synthetic_documents
+
+    return tokenize_documents(datasets_from_texts(synthetic_documents(texts_ds, n, max_chars, seed=seed)), tokenizer)
 
 
 def datasets_from_texts(texts: list[str]):

@@ -78,14 +78,13 @@ def model_config(s: PretrainSettings) -> ModelConfig:
 
 def training_documents(s: PretrainSettings) -> list[np.ndarray]:
     """Tokenized corpus train split plus synthetic retrieval documents, as byte arrays."""
-    from seerjax.train import corpus
-    from seerjax.train.data import ByteTokenizer, load_texts, tokenize_documents
+    from seerjax.train.data import ByteTokenizer, load_texts, synthetic_token_documents, tokenize_documents
 
     texts = load_texts(s.data)
-    docs = tokenize_documents(texts, ByteTokenizer())
+    tokenizer = ByteTokenizer()
+    docs = tokenize_documents(texts, tokenizer)
     if s.retrieval_docs:
-        synth = corpus.synthetic_documents(texts, s.retrieval_docs, s.seq_len, seed=s.seed)
-        docs += [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in synth]
+        docs += synthetic_token_documents(texts, tokenizer, s.retrieval_docs, s.seq_len, seed=s.seed)
     return docs
 
 
