@@ -329,18 +329,30 @@ def save_pretrained(model: LlamaModel, path: str | os.PathLike, *, max_shard_siz
 
 # config.json keys seerjax adds beside the model's own (the byte-level tokenizer marker), kept by every export.
 SEERJAX_CONFIG_KEYS = ("seerjax_tokenizer", "eos_token_id")
+# Files beside the weights that an export carries over from its source model directory.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
 
 
-def copy_seerjax_config_keys(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
-    """Copies :data:`SEERJAX_CONFIG_KEYS` from `src_dir/config.json` into `dst_dir/config.json` (both must exist)."""
-    with open(os.path.join(src_dir, "config.json")) as f:
-        src = json.load(f)
-    extra = {k: src[k] for k in SEERJAX_CONFIG_KEYS if k in src}
+def copy_model_extras(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+    """After `save_pretrained(..., dst_dir)`: copies the source model's tokenizer files (those present) and
+    :data:`SEERJAX_CONFIG_KEYS` of its config.json, so the export loads with the same tokenizer."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+    with open(os.path.join(src_dir, CONFIG_FILE)) as f:
+        src_config = json.load(f)
+    extra = {k: src_config[k] for k in SEERJAX_CONFIG_KEYS if k in src_config}
     if not extra:
         return
-    path = os.path.join(dst_dir, "config.json")
+    path = os.path.join(dst_dir, CONFIG_FILE)
     with open(path) as f:
-        dst = json.load(f)
-    dst.update(extra)
+        dst_config = json.load(f)
+    dst_config.update(extra)
     with open(path, "w") as f:
-        json.dump(dst, f, indent=2)
+        json.dump(dst_config, f, indent=2, sort_keys=True)

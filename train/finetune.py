@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -63,10 +62,6 @@ REMAT_POLICIES = {
 }
 ATTENTION_MODES = {"seer": "seer_train", "dense": "dense_train"}
 ROPE_SCALINGS = ("none", "yarn")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
 
 
 class FinetuneError(ValueError):
@@ -628,7 +623,7 @@ def _source_dtype(model_dir: str):
 def export(state: TrainState, s: FinetuneSettings, dtype) -> None:
     """Writes the fine-tuned model (HF format, ``dtype``, YaRN rope config) and its gates into ``s.out``."""
     from seerjax.gates_io import model_gates, save_gates
-    from seerjax.hf import copy_seerjax_config_keys, save_pretrained
+    from seerjax.hf import copy_model_extras, save_pretrained
 
     dtype = resolve_dtype(dtype, "export_dtype")
     host = shd.host_tree(state.trainable)  # every process takes part in gathering
@@ -637,11 +632,7 @@ def export(state: TrainState, s: FinetuneSettings, dtype) -> None:
     params = jax.tree.map(lambda x: x.astype(np.dtype(dtype)), host["params"])
     graphdef, _ = nnx.split(abstract_model(state.model.config, None, dtype, param_dtype=dtype))
     save_pretrained(nnx.merge(graphdef, params), s.out)
-    copy_seerjax_config_keys(s.model, s.out)  # e.g. the byte-level tokenizer marker
-    for name in TOKENIZER_FILES:
-        src = os.path.join(s.model, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(s.out, name))
+    copy_model_extras(s.model, s.out)  # tokenizer files and the byte-level tokenizer marker
     nnx.update(state.model, host["gates"])
     extra = {"model": s.model, "data": s.data, "seq_len": s.seq_len, "steps": s.steps, "seed": s.seed,
              "finetuned": True, "attention": s.attention, "density": s.density}

@@ -13,22 +13,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import os
-    import shutil
-
     import jax
     from flax import nnx
 
-    from seerjax.hf import copy_seerjax_config_keys, from_pretrained, save_pretrained
+    from seerjax.hf import copy_model_extras, from_pretrained, save_pretrained
 
     model = from_pretrained(args.model, dtype=args.dtype)
     save_pretrained(model, args.out, max_shard_size=args.max_shard_size)
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                 "generation_config.json"):
-        src = os.path.join(args.model, name)
-        if os.path.exists(src):
-            shutil.copy(src, os.path.join(args.out, name))
-    copy_seerjax_config_keys(args.model, args.out)  # e.g. the byte-level tokenizer marker
+    copy_model_extras(args.model, args.out)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"converted {n:,} parameters to {args.dtype}: {args.out}")
     return 0
