@@ -17,20 +17,20 @@ import time
 SCALES = {
     "cpu": dict(
         preset="mini", seq_len=512, pretrain_steps=140, pretrain_batch=6, pretrain_lr=4e-3, retrieval_docs=1500,
-        distill_steps=300, distill_batch=2, distill_lr=5e-3, block_size=32, d_gate=32, eval_sequences=4,
-        retrieval_samples=2,
+        distill_steps=300, distill_batch=2, distill_lr=5e-3, distill_retrieval_docs=250, block_size=32,
+        d_gate=32, eval_sequences=4, retrieval_samples=2,
     ),
     # CI: the whole job in about a minute, to test the command itself (no quality).
     "tiny": dict(
         preset="tiny", seq_len=128, pretrain_steps=4, pretrain_batch=2, pretrain_lr=4e-3, retrieval_docs=12,
-        distill_steps=2, distill_batch=1, distill_lr=5e-3, block_size=16, d_gate=32, eval_sequences=1,
-        retrieval_samples=1,
+        distill_steps=2, distill_batch=1, distill_lr=5e-3, distill_retrieval_docs=2, block_size=16,
+        d_gate=32, eval_sequences=1, retrieval_samples=1,
     ),
     # The study's recipe (eval/study.sh, docs/results.md): about 6 minutes of pretraining on one H100.
     "gpu": dict(
         preset="small", seq_len=8192, pretrain_steps=4000, pretrain_batch=8, pretrain_lr=2e-3, retrieval_docs=12000,
-        distill_steps=2000, distill_batch=1, distill_lr=1e-3, block_size=64, d_gate=64, eval_sequences=16,
-        retrieval_samples=4,
+        distill_steps=2000, distill_batch=1, distill_lr=1e-3, distill_retrieval_docs=2000, block_size=64,
+        d_gate=64, eval_sequences=16, retrieval_samples=4,
     ),
 }
 
@@ -78,7 +78,7 @@ def run(args) -> int:
             model=base["model"], data="embedded:train", seq_len=cfg["seq_len"], steps=cfg["distill_steps"],
             out=gates_dir, batch=cfg["distill_batch"], block_size=cfg["block_size"], d_gate=cfg["d_gate"],
             gate_heads=args.gate_heads, lr=cfg["distill_lr"], warmup=max(2, cfg["distill_steps"] // 10),
-            save_every=cfg["distill_steps"], retrieval_docs=cfg["retrieval_docs"] // 6,
+            save_every=cfg["distill_steps"], retrieval_docs=cfg["distill_retrieval_docs"],
             seed=args.seed, dtype=dtype, implementation=implementation, progress=progress,
         )
     )
