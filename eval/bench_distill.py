@@ -11,7 +11,6 @@ import datetime
 import json
 
 import jax
-import jax.numpy as jnp
 
 
 def main(argv=None) -> int:
@@ -25,21 +24,12 @@ def main(argv=None) -> int:
 
     from flax import nnx
 
-    from seerjax.config import ModelConfig
-    from seerjax.eval.bench_prefill import LLAMA31_8B
+    from seerjax.eval.bench_prefill import llama8b_with_gates
     from seerjax.eval.timing import median_ms
     from seerjax.gate import GateParam
-    from seerjax.gates_io import attach_gates, gate_config_for_model
-    from seerjax.model import random_model
     from seerjax.train.distill import DistillSettings, make_optimizer, make_train_step
 
-    hf = dict(LLAMA31_8B)
-    if args.layers:
-        hf["num_hidden_layers"] = args.layers
-    cfg = ModelConfig.from_hf_dict(hf)
-    model = random_model(cfg, dtype=jnp.bfloat16)
-    gate_cfg = gate_config_for_model(cfg, block_size=64, d_gate=128, heads=args.gate_heads)
-    attach_gates(model, gate_cfg)
+    cfg, model, gate_cfg = llama8b_with_gates(args.layers, args.gate_heads)
     graphdef, gates, frozen = nnx.split(model, GateParam, ...)
     s = DistillSettings(model="random", data="random", seq_len=args.seq_len, steps=10, out="/tmp/unused", progress=False)
     tx = make_optimizer(s)

@@ -28,6 +28,23 @@ LLAMA31_8B = dict(
 )
 
 
+def llama8b_with_gates(layers: int | None = None, gate_heads: str = "query"):
+    """(config, model, gate config): a Llama-3.1-8B-shaped model (optionally fewer layers) with random bf16
+    weights made on the device and random AttnGates attached (d_gate 128, block 64)."""
+    from seerjax.config import ModelConfig
+    from seerjax.gates_io import attach_gates, gate_config_for_model
+    from seerjax.model import random_model
+
+    hf = dict(LLAMA31_8B)
+    if layers:
+        hf["num_hidden_layers"] = layers
+    cfg = ModelConfig.from_hf_dict(hf)
+    model = random_model(cfg, dtype=jnp.bfloat16)
+    gate_cfg = gate_config_for_model(cfg, block_size=64, d_gate=128, heads=gate_heads)
+    attach_gates(model, gate_cfg)
+    return cfg, model, gate_cfg
+
+
 def _dense_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
@@ -45,18 +62,9 @@ def main(argv=None) -> int:
 
     from flax import nnx
 
-    from seerjax.config import ModelConfig
-    from seerjax.gates_io import attach_gates, gate_config_for_model
-    from seerjax.model import random_model
     from seerjax.selection import SelectionConfig, select_blocks
 
-    hf = dict(LLAMA31_8B)
-    if args.layers:
-        hf["num_hidden_layers"] = args.layers
-    cfg = ModelConfig.from_hf_dict(hf)
-    model = random_model(cfg, dtype=jnp.bfloat16)
-    gate_cfg = gate_config_for_model(cfg, block_size=64, d_gate=128, heads=args.gate_heads)
-    attach_gates(model, gate_cfg)
+    cfg, model, gate_cfg = llama8b_with_gates(args.layers, args.gate_heads)
     graphdef, state = nnx.split(model)
 
     def make(attention, options):
