@@ -158,31 +158,92 @@ def block_tables(block_mask: jax.Array, shape: AttentionShape, lengths=None):
     return block_mask & vis, full
 
 
-def compact_block_lists(mask: jax.Array, full: jax.Array):
+def _partition_positions(m, n: int):
+    """Where each entry of a row goes in its compact list (int32, same shape as `m` `[..., n]`): the
+    selected entries first, in order, then the others in order — a stable partition (a permutation)."""
+    c = jnp.cumsum(m.astype(jnp.int32), axis=-1)  # selected entries up to and including j
+    count = jnp.sum(m.astype(jnp.int32), axis=-1, keepdims=True)
+    j = lax.broadcasted_iota(jnp.int32, m.shape, m.ndim - 1)
+    return jnp.where(m, c - 1, count + j - c)
+
+
+def _lists_kernel(m_ref, o_ref, *, n: int):
+    m = m_ref[...] != 0  # [R, n]
+    pos = _partition_positions(m, n)
+    rows = lax.broadcasted_iota(jnp.int32, m.shape, 0)
+    o_ref[rows, pos] = lax.broadcasted_iota(jnp.int32, m.shape, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _lists_pallas(mask, *, interpret: bool = False):
+    """Compact lists of `mask` `[..., n]` by a Pallas kernel: one read of the mask, one write of the lists.
+
+    Each program takes a few whole rows: one scan (prefix count) per row and a scatter of the indices to
+    their places; every slot is written exactly once, so there is no ordering hazard between threads."""
+    lead, n = mask.shape[:-1], mask.shape[-1]
+    rows = math.prod(lead)
+    n_pad = 1 << max(0, (n - 1).bit_length())
+    r = max(1, min(64, 8192 // n_pad))
+    rows_pad = -(-max(rows, 1) // r) * r
+    flat = mask.reshape(rows, n).astype(jnp.int8)
+    if rows_pad != rows or n_pad != n:
+        # Padded entries are unselected: they land after every real entry of their row.
+        flat = jnp.pad(flat, ((0, rows_pad - rows), (0, n_pad - n)))
+    out = pl.pallas_call(
+        functools.partial(_lists_kernel, n=n_pad),
+        grid=(rows_pad // r,),
+        in_specs=[pl.BlockSpec((r, n_pad), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((r, n_pad), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows_pad, n_pad), jnp.int32),
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="block_sparse_lists",
+    )(flat)
+    if rows_pad != rows or n_pad != n:
+        out = out[:rows, :n]
+    return out.reshape(mask.shape)
+
+
+def _lists_xla(mask):
+    n = mask.shape[-1]
+    pos = _partition_positions(mask, n).reshape(-1, n)
+    rows = jnp.arange(pos.shape[0], dtype=jnp.int32)[:, None]
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), pos.shape)
+    return jnp.zeros_like(pos).at[rows, pos].set(idx, unique_indices=True).reshape(mask.shape)
+
+
+LIST_IMPLEMENTATIONS = ("pallas", "pallas_interpret", "xla")
+
+
+def compact_block_lists(mask: jax.Array, full: jax.Array, *, implementation: str | None = None):
     """Compact lists of the selected entries along the last axis.
 
     Args:
       mask: bool `[..., n]`, the selected blocks.
       full: bool, broadcastable to mask: tiles that need no element mask. Among the selected entries the
         full ones must be contiguous (true for causal/padding visibility in both directions).
+      implementation: how the lists are built — "pallas" (a kernel: one read of the mask, one write of
+        the lists), "pallas_interpret", or "xla" (prefix sums and a scatter); None picks "pallas" on GPU.
+        All give the same result.
 
     Returns:
-      lists: int32 `[..., n]`, the selected indices first, in increasing order (the rest follow; never read).
+      lists: int32 `[..., n]`, the selected indices first, in increasing order, then the others in
+        increasing order (never read by the kernels, but always valid block indices).
       spans: int32 `[..., 3]` = (lo, hi, count): entries [lo, hi) of the list are full tiles (lo = hi = 0
         when there is none).
     """
+    if implementation is None:
+        implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if implementation not in LIST_IMPLEMENTATIONS:
+        raise KernelInputError(f"implementation must be None or one of {LIST_IMPLEMENTATIONS}, got {implementation!r}")
     n = mask.shape[-1]
+    if implementation == "xla":
+        lists = _lists_xla(mask)
+    else:
+        lists = _lists_pallas(mask, interpret=implementation == "pallas_interpret")
     full = jnp.broadcast_to(full, mask.shape) & mask
     idx = jnp.arange(n, dtype=jnp.int32)
     count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    # A stable partition by prefix sums and one scatter: O(n) per row, where a sort (the obvious way)
-    # costs O(n log n) and, at 32k tokens, a visible share of a sparse kernel's time.
-    selected_pos = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
-    other_pos = count[..., None] + jnp.cumsum(jnp.logical_not(mask), axis=-1, dtype=jnp.int32) - 1
-    pos = jnp.where(mask, selected_pos, other_pos).reshape(-1, n)
-    rows = jnp.arange(pos.shape[0], dtype=jnp.int32)[:, None]
-    lists = jnp.zeros_like(pos).at[rows, pos].set(jnp.broadcast_to(idx, pos.shape), unique_indices=True)
-    lists = lists.reshape(mask.shape)
     n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
     first_full = jnp.min(jnp.where(full, idx, n), axis=-1)
     lo = jnp.sum(mask & (idx < first_full[..., None]), axis=-1, dtype=jnp.int32)
@@ -607,7 +668,8 @@ def _pad_seq(x, length: int):
 def _forward(q, k, v, block_mask, lengths, plan: _Plan, poison: bool):
     sh = plan.shape
     visible, full = block_tables(block_mask, sh, lengths)
-    lists, spans = compact_block_lists(visible, full)
+    lists_impl = "pallas_interpret" if plan.interpret else "pallas"
+    lists, spans = compact_block_lists(visible, full, implementation=lists_impl)
     valid = valid_lengths(sh, lengths)
     q_p, k_p, v_p = _pad_seq(q, plan.t_pad), _pad_seq(k, plan.s_pad), _pad_seq(v, plan.s_pad)
     out_p, lse = _forward_call(plan, lists, spans, valid, q_p, k_p, v_p, poison=poison)
@@ -621,7 +683,8 @@ def _backward(plan: _Plan, poison: bool, residuals, d_out):
     do_p = _pad_seq(d_out.astype(q_p.dtype), plan.t_pad)
     delta = jnp.einsum("bthd,bthd->bth", do_p.astype(jnp.float32), out_p.astype(jnp.float32))
     dq = _dq_call(plan, lists, spans, valid, q_p, k_p, v_p, do_p, lse, delta, poison=poison)
-    tlists, tspans = compact_block_lists(jnp.swapaxes(visible, 2, 3), jnp.swapaxes(full, 2, 3))
+    lists_impl = "pallas_interpret" if plan.interpret else "pallas"
+    tlists, tspans = compact_block_lists(jnp.swapaxes(visible, 2, 3), jnp.swapaxes(full, 2, 3), implementation=lists_impl)
     dk, dv = _dkdv_call(plan, tlists, tspans, valid, q_p, k_p, v_p, do_p, lse, delta, poison=poison)
     return dq[:, : sh.q_len], dk[:, : sh.kv_len], dv[:, : sh.kv_len]
 
