@@ -83,11 +83,12 @@ def _block_size(inputs: AttentionInputs) -> int:
     return int(inputs.config.get("block_size", 64))
 
 
-def _sparse(inputs: AttentionInputs, scores, block_size: int, aux=None) -> AttentionOutputs:
+def _sparse(inputs: AttentionInputs, scores, block_size: int, aux=None, premasked: bool = False) -> AttentionOutputs:
     cfg = SelectionConfig.from_options(inputs.config)
     valid = _key_blocks_valid(inputs, block_size)
     mask = select_blocks(
-        scores, cfg, causal=inputs.causal, key_blocks_valid=valid, implementation=inputs.config.get("implementation")
+        scores, cfg, causal=inputs.causal, key_blocks_valid=valid, implementation=inputs.config.get("implementation"),
+        premasked=premasked,
     )
     out = block_sparse_attention(
         inputs.q,
@@ -117,9 +118,11 @@ def seer_attention(inputs: AttentionInputs) -> AttentionOutputs:
         )
     logits = gate_logits(inputs)
     # TopK needs only the order of the logits; a threshold needs the softmax scores.
-    scores = jax.nn.softmax(logits, axis=-1) if inputs.config.get("threshold") is not None else logits
+    threshold = inputs.config.get("threshold") is not None
+    scores = jax.nn.softmax(logits, axis=-1) if threshold else logits
     aux = {"gate_logits": logits} if inputs.config.get("return_gate") else None
-    return _sparse(inputs, scores, inputs.gate.config.block_size, aux)
+    # The gate's logits are -1e30 outside the causal/padding visibility: TopK can use them as they are.
+    return _sparse(inputs, scores, inputs.gate.config.block_size, aux, premasked=not threshold)
 
 
 @register_attention("oracle")

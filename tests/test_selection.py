@@ -64,6 +64,28 @@ def test_threshold_and_key_padding():
     assert not mask[..., 5:].any()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_premasked_gate_logits_select_the_same_blocks(causal):
+    """The seer path hands the gate's masked logits over with premasked=True (no second masking pass)."""
+    from seerjax.gate import AttnGate, GateConfig
+
+    gate = AttnGate(GateConfig(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16, d_gate=32),
+                    rngs=nnx.Rngs(0))
+    q = jax.random.normal(jax.random.key(1), (2, 150, 4, 32))
+    k = jax.random.normal(jax.random.key(2), (2, 200, 2, 32))
+    lengths = jnp.asarray([200, 123]) if not causal else None
+    if lengths is not None:
+        q = k.repeat(2, axis=2)
+    logits = gate(q, k, rope=None, lengths=lengths, causal=causal)
+    nk = logits.shape[-1]
+    valid = None if lengths is None else jnp.arange(nk)[None, :] * 16 < lengths[:, None]
+    for density in (0.1, 0.3, 1.0):
+        cfg = SelectionConfig(density=density, keep_first=density == 0.3)
+        want = select_blocks(logits, cfg, causal=causal, key_blocks_valid=valid)
+        got = select_blocks(logits, cfg, causal=causal, key_blocks_valid=valid, premasked=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bottom_right_alignment_for_shorter_queries():
     mask = np.asarray(select_blocks(_scores(nq=4, nk=8), SelectionConfig(density=1.0)))
     np.testing.assert_array_equal(mask[0, 0], np.arange(8)[None, :] <= np.arange(4)[:, None] + 4)
