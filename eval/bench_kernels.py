@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from seerjax.eval.timing import median_ms
 
 
@@ -65,6 +65,12 @@ def pooled_variants(bs, implementation):
     return [("pooled (1-pass)", forced(1)), ("pooled (2-pass)", forced(2))]
 
 
+def _sparse(q, k, v, m, *, bs, implementation):
+    from seerjax.kernels import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, m, block_size=bs, implementation=implementation)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="8192,32768,131072")
@@ -82,7 +88,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from seerjax.kernels import block_sparse_attention
+    # Several sparse implementations may be compared in one run (e.g. "pallas,hopper"); the pooled kernel
+    # uses the first (the Hopper entry has no pooled kernel of its own: it means the portable one).
+    impls = [x.strip() or None for x in args.implementation.split(",")] if args.implementation else [None]
+    pooled_impl = "pallas" if impls[0] == "hopper" else impls[0]
 
     b, hq, hkv, d, bs = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size
     rows = []
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
             rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="bwd", ms=ms_dense_bwd,
                              tflops=2.5 * dense_flops / ms_dense_bwd / 1e9))
 
-        for name, pooled in pooled_variants(bs, args.implementation):
+        for name, pooled in pooled_variants(bs, pooled_impl):
             ms = median_ms(jax.jit(pooled), q, k, v, reps=args.reps)
             rows.append(dict(T=t, kernel=name, density=1.0, pass_="fwd", ms=ms,
                              tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
@@ -123,20 +132,23 @@ def main(argv=None) -> int:
             mask = random_mask(km, b, hq if args.mask_heads == "query" else hkv, nq, nq, dens)
             pairs = visible_pairs(mask, t, t, bs) * (hq // mask.shape[1])
             flops = 4 * d * pairs
-            sparse = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, block_size=bs, implementation=args.implementation))
-            ms = median_ms(sparse, q, k, v, mask, reps=args.reps)
-            rows.append(dict(T=t, kernel=f"block_sparse ({args.mask_heads} masks)", density=dens, pass_="fwd", ms=ms,
-                             tflops=flops / ms / 1e9, speedup=ms_dense / ms))
-            if do_bwd:
-                def sparse_loss(q, k, v, m):
-                    out = block_sparse_attention(q, k, v, m, block_size=bs, implementation=args.implementation)
-                    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+            for impl in impls:
+                label = f"block_sparse ({args.mask_heads} masks)" + (f" [{impl}]" if len(impls) > 1 else "")
+                sparse = jax.jit(functools.partial(_sparse, bs=bs, implementation=impl))
+                ms = median_ms(sparse, q, k, v, mask, reps=args.reps)
+                rows.append(dict(T=t, kernel=label, density=dens, pass_="fwd", ms=ms,
+                                 tflops=flops / ms / 1e9, speedup=ms_dense / ms))
+                # The Hopper entry differentiates through the portable kernels: its backward is theirs.
+                if do_bwd and impl != "hopper":
+                    def sparse_loss(q, k, v, m, impl=impl):
+                        out = _sparse(q, k, v, m, bs=bs, implementation=impl)
+                        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
-                g = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))
-                ms_fb = median_ms(g, q, k, v, mask, reps=args.reps)
-                ms_b = ms_fb - ms
-                rows.append(dict(T=t, kernel=f"block_sparse ({args.mask_heads} masks)", density=dens, pass_="bwd", ms=ms_b,
-                                 tflops=2.5 * flops / ms_b / 1e9, speedup=ms_dense_bwd / ms_b))
+                    g = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))
+                    ms_fb = median_ms(g, q, k, v, mask, reps=args.reps)
+                    ms_b = ms_fb - ms
+                    rows.append(dict(T=t, kernel=label, density=dens, pass_="bwd", ms=ms_b,
+                                     tflops=2.5 * flops / ms_b / 1e9, speedup=ms_dense_bwd / ms_b))
 
     print("\n| T | kernel | density | pass | ms | TFLOP/s | speedup vs cuDNN |")
     print("|---|---|---|---|---|---|---|")

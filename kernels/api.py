@@ -20,11 +20,15 @@ _POOLING = {
     "reference": ("seerjax.kernels.reference", "attention_with_pooling_reference", {}),
     "pallas": ("seerjax.kernels.pooling", "attention_with_pooling_pallas", {"interpret": False}),
     "pallas_interpret": ("seerjax.kernels.pooling", "attention_with_pooling_pallas", {"interpret": True}),
+    # No Mosaic GPU pooled kernel yet: the Hopper entry means the portable one here.
+    "hopper": ("seerjax.kernels.pooling", "attention_with_pooling_pallas", {"interpret": False}),
 }
 _SPARSE = {
     "reference": ("seerjax.kernels.reference", "block_sparse_attention_reference", {}),
     "pallas": ("seerjax.kernels.block_sparse", "block_sparse_attention_pallas", {"interpret": False}),
     "pallas_interpret": ("seerjax.kernels.block_sparse", "block_sparse_attention_pallas", {"interpret": True}),
+    # Mosaic GPU forward on sm_90+ where supported, else the portable kernel (kernels/hopper.py).
+    "hopper": ("seerjax.kernels.hopper", "block_sparse_attention_sm90", {}),
 }
 
 IMPLEMENTATIONS = tuple(_POOLING)

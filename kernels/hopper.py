@@ -392,3 +392,59 @@ def block_sparse_attention_hopper(
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
     return _forward_jit(q, k, v, block_mask, lengths, plan, interpret)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch entry: the Hopper forward where it applies, the portable kernels everywhere else
+# --------------------------------------------------------------------------------------------------
+
+
+def is_hopper_device(device=None) -> bool:
+    """True for an NVIDIA GPU of compute capability 9.0 or newer (Mosaic GPU's wgmma/TMA path)."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return False
+    try:
+        major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+    except ValueError:
+        return False
+    return major >= 9
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _hopper_differentiable(q, k, v, block_mask, lengths, hplan: HopperPlan, pplan):
+    return _forward_jit(q, k, v, block_mask, lengths, hplan)
+
+
+def _hopper_fwd(q, k, v, block_mask, lengths, hplan, pplan):
+    # Under differentiation the forward runs on the portable kernel, which also saves the log-sum-exp
+    # that the portable backward needs; both forwards compute the same function.
+    from seerjax.kernels import block_sparse as bsp
+
+    return bsp._forward(q, k, v, block_mask, lengths, pplan, False)
+
+
+def _hopper_bwd(hplan, pplan, residuals, d_out):
+    from seerjax.kernels import block_sparse as bsp
+
+    dq, dk, dv = bsp._backward(pplan, False, residuals, d_out)
+    return dq, dk, dv, None, None
+
+
+_hopper_differentiable.defvjp(_hopper_fwd, _hopper_bwd)
+
+
+def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):
+    """The kernels dispatch's `"hopper"` entry: the Mosaic GPU forward on sm_90+ for the shapes it supports
+    (:func:`hopper_supported`), the portable Triton kernel otherwise — never an error or a wrong answer for
+    a call the portable kernel accepts. Differentiable: gradients come from the portable backward."""
+    from seerjax.kernels import block_sparse as bsp
+
+    mask_heads = int(block_mask.shape[1])
+    if not (is_hopper_device() and hopper_supported(shape, mask_heads, q.dtype)):
+        return bsp.block_sparse_attention_pallas(q, k, v, block_mask, shape, lengths=lengths, interpret=False)
+    hplan = make_hopper_plan(shape, mask_heads, lengths is not None)
+    pplan = bsp.make_plan(block_mask, shape, lengths, q.dtype, interpret=False)
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+    return _hopper_differentiable(q, k, v, block_mask, lengths, hplan, pplan)
