@@ -153,31 +153,14 @@ def pool_blocks(x_bthd: jax.Array, block_size: int, kinds: tuple[str, ...], leng
     """Pools `[B, T, H, D]` over blocks of the sequence → `[B, n, H, len(kinds)·D]` (float32).
 
     The last partial block (and blocks cut by `lengths`) pool over their valid tokens only; blocks
-    with no valid token give zeros.
+    with no valid token give zeros. On GPU this is the one-pass Pallas kernel of
+    :mod:`seerjax.kernels.block_pool` (differentiable: its backward is the XLA version's); elsewhere the XLA
+    version, :func:`seerjax.kernels.block_pool.pool_blocks_xla`. Bad `block_size` or `kinds` raise
+    :class:`~seerjax.kernels.block_pool.BlockPoolError` (a ValueError).
     """
-    b, t, h, d = x_bthd.shape
-    n = -(-t // block_size)
-    pad = n * block_size - t
-    # Pool in the input dtype with float32 accumulation: converting q (268 MB in bf16 at 32k tokens for
-    # Llama-3-8B) to float32 first would write and read twice that per layer.
-    x = x_bthd if pad == 0 else jnp.pad(x_bthd, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    x = x.reshape(b, n, block_size, h, d)
-    valid, count = None, block_size  # every block full: no masking needed
-    if lengths is not None or pad:
-        limit = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)
-        pos = jnp.arange(n * block_size).reshape(n, block_size)
-        valid = (pos[None] < limit[:, None, None])[..., None, None]  # [B, n, bs, 1, 1]
-        count = jnp.sum(valid, axis=2)  # [B, n, 1, 1]
-    fill = {"avg": 0, "max": -jnp.inf, "min": jnp.inf}
-    outs = []
-    for kind in kinds:
-        src = x if valid is None else jnp.where(valid, x, fill[kind])
-        if kind == "avg":
-            pooled = jnp.sum(src, axis=2, dtype=jnp.float32) / jnp.maximum(count, 1)
-        else:
-            pooled = (jnp.max if kind == "max" else jnp.min)(src, axis=2).astype(jnp.float32)
-        outs.append(pooled if valid is None else jnp.where(count > 0, pooled, 0.0))
-    return jnp.concatenate(outs, axis=-1)
+    from seerjax.kernels.block_pool import pool_blocks_kernel
+
+    return pool_blocks_kernel(x_bthd, block_size, kinds, lengths)
 
 
 def block_causal_mask(nq: int, nk: int, causal: bool = True, key_blocks_valid=None) -> jax.Array:
@@ -228,6 +211,7 @@ class AttnGate(nnx.Module):
         positions_bt: jax.Array | None = None,
         lengths: jax.Array | None = None,
         causal: bool = True,
+        score_dtype=None,
     ) -> jax.Array:
         """Masked gate logits (float32; masked entries are a large negative number).
 
@@ -237,6 +221,9 @@ class AttnGate(nnx.Module):
             scaling; None skips RoPE.
           positions_bt: positions of the query tokens (default `arange(T)`; keys use `arange(S)`).
           lengths: optional `[B]` right padding (T == S).
+          score_dtype: operand dtype of the block-score matmul (float32 accumulation either way); None
+            takes q's dtype, so bf16 activations score in bf16 on the tensor cores (at 128k tokens this
+            matmul is 34 GFLOP per layer) and float32 activations keep full float32 precision.
         """
         c = self.config
         b, t, hq, d = q_bthd.shape
@@ -266,7 +253,12 @@ class AttnGate(nnx.Module):
             qg, kg = rope(qg, q_pos), rope(kg, k_pos)
         if kg.shape[2] != qg.shape[2]:
             kg = jnp.repeat(kg, qg.shape[2] // kg.shape[2], axis=2)
-        logits = jnp.einsum("bihd,bjhd->bhij", qg, kg, precision=hp) / math.sqrt(c.d_gate)
+        sdt = jnp.dtype(q_bthd.dtype if score_dtype is None else score_dtype)
+        scale = 1.0 / math.sqrt(c.d_gate)
+        logits = jnp.einsum(
+            "bihd,bjhd->bhij", (qg * scale).astype(sdt), kg.astype(sdt),
+            precision=hp if sdt == jnp.float32 else None, preferred_element_type=jnp.float32,
+        )
         valid_k = None
         if lengths is not None:
             valid_k = jnp.arange(nk)[None, :] * bs < lengths.astype(jnp.int32)[:, None]
