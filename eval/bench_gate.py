@@ -3,7 +3,8 @@
 One layer of a Llama-3.1-8B-shaped model (32 query / 8 KV heads, D 128, bf16, block 64, per-query-head gate,
 d_gate 128), at each length: pooling q and k, the whole gate with its block-score matmul in float32 or bf16,
 TopK selection, the compact block lists that the sparse kernel loops over, and everything together.
-Milliseconds are per layer; the last column multiplies by 32 layers.
+Milliseconds are per layer (mean device time: calls queued back to back, one synchronization at the end,
+so host dispatch overhead is not counted); the last column multiplies by 32 layers.
 
     python eval/bench_gate.py --lengths 32768,131072 --json OUT/gate.json
 """
@@ -16,7 +17,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from seerjax.eval.timing import median_ms
+from seerjax.eval.timing import pipelined_ms
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--gate-heads", default="query", choices=("query", "kv"))
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=50)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -64,16 +65,16 @@ def main(argv=None) -> int:
             "gate, f32 scores": (jax.jit(lambda q, k: gate(q, k, rope=rope, score_dtype=jnp.float32)), (q, k)),
             "gate, bf16 scores": (jax.jit(lambda q, k: gate(q, k, rope=rope)), (q, k)),
             "k-th value (Pallas)": (jax.jit(lambda s, kk=kk: kth_largest(s, kk)), (logits,)),
-            "select_blocks": (jax.jit(lambda s: select_blocks(s, sel)), (logits,)),
+            "select_blocks (premasked)": (jax.jit(lambda s: select_blocks(s, sel, premasked=True)), (logits,)),
             "compact block lists": (jax.jit(lambda m, full=full: compact_block_lists(m, full[None, None])), (mask,)),
-            "gate + select": (jax.jit(lambda q, k: select_blocks(gate(q, k, rope=rope), sel)), (q, k)),
+            "gate + select": (jax.jit(lambda q, k: select_blocks(gate(q, k, rope=rope), sel, premasked=True)), (q, k)),
             "gate + select + lists": (
-                jax.jit(lambda q, k, full=full: compact_block_lists(select_blocks(gate(q, k, rope=rope), sel), full[None, None])),
+                jax.jit(lambda q, k, full=full: compact_block_lists(select_blocks(gate(q, k, rope=rope), sel, premasked=True), full[None, None])),
                 (q, k),
             ),
         }
         for name, (fn, fargs) in steps.items():
-            ms = median_ms(fn, *fargs, warmup=2, reps=args.reps)
+            ms = pipelined_ms(fn, *fargs, warmup=2, reps=args.reps)
             rows.append({"T": t, "step": name, "ms_per_layer": ms, "ms_all_layers": ms * layers})
         del q, k, logits, mask
 
