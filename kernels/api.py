@@ -1,9 +1,10 @@
 """Public attention entry points and the implementation registry.
 
 Each implementation name maps to a function of the validated inputs. ``implementation=None`` picks
-the fastest one for the platform: the compiled Pallas kernels on GPU (for block-sparse attention the
-"hopper" entry, which runs the Mosaic GPU forward on sm_90+ where it applies and the Triton kernel
-otherwise), Pallas interpret mode on CPU.
+the fastest one for the platform: the compiled Pallas kernels (Triton lowering) on GPU, Pallas interpret
+mode on CPU. ``"hopper"`` (block-sparse only) runs the Mosaic GPU forward on sm_90+ where it applies and the
+Triton kernel otherwise; it is not the default, as it is slower than the Triton kernel at 128k tokens
+(docs/benchmarks.md).
 ``"reference"`` (pure jnp) is always available.
 """
 
@@ -89,9 +90,5 @@ def block_sparse_attention(
     """
     shape = check_attention_inputs(q, k, v, causal=causal, block_size=block_size, sm_scale=sm_scale, lengths=lengths)
     check_block_mask(block_mask, shape)
-    if implementation is None and default_implementation() == "pallas":
-        # On GPU the "hopper" entry: the Mosaic GPU forward on sm_90+ where it applies (faster than the
-        # Triton kernel there, see docs/benchmarks.md), else the Triton kernel.
-        implementation = "hopper"
     fn = _resolve(_SPARSE, implementation)
     return fn(q, k, v, block_mask, shape, lengths=lengths)
