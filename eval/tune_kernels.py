@@ -1,0 +1,116 @@
+"""Launch-shape sweeps (GPU) for the kernels not covered by tune_block_sparse.py.
+
+* ``pooled``: the one-pass `attention_with_pooling` kernel's tiles (query rows, key rows, warps, stages);
+* ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``) and compute warpgroups per CTA,
+  against the Triton kernel on the same mask.
+
+Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B 1.
+
+    python eval/tune_kernels.py pooled --length 32768 --json OUT/tune_pooled.json
+    python eval/tune_kernels.py hopper --length 131072 --densities 0.1,0.5 --json OUT/tune_hopper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from seerjax.eval.timing import median_ms
+
+HQ, HKV, D, BS = 32, 8, 128, 64
+
+
+def _inputs(t: int):
+    q = jax.random.normal(jax.random.key(0), (1, t, HQ, D), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(1), (1, t, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(2), (1, t, HKV, D), jnp.bfloat16)
+    return q, k, v
+
+
+def _time(fn, *args) -> float:
+    try:
+        return median_ms(jax.jit(fn), *args, warmup=2, reps=5)
+    except Exception as e:  # a launch shape that does not compile (shared memory, registers)
+        print(f"  {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return float("nan")
+
+
+def sweep_pooled(t: int) -> list[dict]:
+    from seerjax.kernels import pooling
+    from seerjax.kernels.checks import check_attention_inputs
+
+    q, k, v = _inputs(t)
+    shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
+    cudnn = median_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                            implementation="cudnn")), q, k, v)
+    print(f"cuDNN dense: {cudnn:.3f} ms", flush=True)
+    base = pooling.default_tiling(shape, q.dtype)
+    rows = []
+    for block_q, block_k, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (2, 3, 4)):
+        tiling = pooling.Tiling(block_q, block_k, warps, stages)
+        ms = _time(lambda q, k, v, tiling=tiling: pooling.attention_with_pooling_pallas(
+            q, k, v, shape, interpret=False, tiling=tiling, passes=1), q, k, v)
+        rows.append({"kernel": "pooled", "block_q": block_q, "block_k": block_k, "warps": warps, "stages": stages,
+                     "ms": ms, "vs_cudnn": ms / cudnn, "default": tiling == base})
+        print(f"pooled block_q={block_q} block_k={block_k} warps={warps} stages={stages}: {ms:.3f} ms "
+              f"({ms / cudnn:.2f}× cuDNN){'  (default)' if tiling == base else ''}", flush=True)
+    return rows
+
+
+def sweep_hopper(t: int, densities) -> list[dict]:
+    from seerjax.eval.bench_kernels import random_mask
+    from seerjax.kernels.block_sparse import block_sparse_attention_pallas
+    from seerjax.kernels.checks import check_attention_inputs
+    from seerjax.kernels.hopper import block_sparse_attention_hopper
+
+    q, k, v = _inputs(t)
+    shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
+    rows = []
+    for mask_heads, dens in itertools.product((HQ, HKV), densities):
+        mask = random_mask(jax.random.key(3), 1, mask_heads, t // BS, t // BS, dens)
+        name = "query" if mask_heads == HQ else "kv"
+        ms = _time(lambda q, k, v, m: block_sparse_attention_pallas(q, k, v, m, shape, interpret=False), q, k, v, mask)
+        rows.append({"kernel": "triton", "mask": name, "density": dens, "ms": ms})
+        print(f"{name:5s} d={dens:<4} triton: {ms:.3f} ms", flush=True)
+        for stages, consumers in itertools.product((2, 3, 4), (1, 2)):
+            fn = lambda q, k, v, m, s=stages, c=consumers: block_sparse_attention_hopper(  # noqa: E731
+                q, k, v, m, shape, stages=s, consumers=c)
+            try:
+                ms = _time(fn, q, k, v, mask)
+            except ValueError as e:  # consumers that do not divide the tiles of a list row
+                print(f"  stages={stages} consumers={consumers}: {e}", flush=True)
+                continue
+            rows.append({"kernel": "hopper", "mask": name, "density": dens, "stages": stages,
+                         "consumers": consumers, "ms": ms})
+            print(f"{name:5s} d={dens:<4} hopper stages={stages} consumers={consumers}: {ms:.3f} ms", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kernel", choices=("pooled", "hopper"))
+    p.add_argument("--length", type=int, default=32768)
+    p.add_argument("--densities", default="0.1,0.5", help="hopper sweep only")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.kernel == "pooled":
+        rows = sweep_pooled(args.length)
+    else:
+        rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")])
+    good = [r for r in rows if r["ms"] == r["ms"]]
+    if good:
+        best = min(good, key=lambda r: r["ms"])
+        print(f"best: {best}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
+                       "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
