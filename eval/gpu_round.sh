@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One device call's worth of pending GPU checks, each step capped, logs and JSON under OUT.
+#
+#   bash eval/gpu_round.sh OUT [STEP ...]
+#
+# Steps (default: all, in this order; each capped with `timeout`; a failing step does not stop the others):
+#   tests   compiled correctness tests, in four pytest processes side by side (every property example compiles
+#           its own kernels, so one process is CPU-bound on compilation; the device has 16 host cores)
+#   gate    eval/bench_gate.py at 32k and 128k
+#   tune    eval/tune_kernels.py: pooled tiles at 32k, Hopper ring depth / warpgroups at 128k
+#   kernels eval/bench_kernels.py, the full three-length table, Triton and Hopper forwards side by side
+#   prefill eval/bench_prefill.py at 32k, 64k, 128k
+# Caps come from the environment: CAP_TESTS (s, default 240), CAP_BENCH (s, default 330); SEERJAX_MAX_EXAMPLES
+# (default 3) caps the property tests.
+set -uo pipefail
+out=${1:?usage: gpu_round.sh OUT [STEP ...]}
+shift
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(tests gate tune kernels prefill)
+mkdir -p "$out"
+CAP_TESTS=${CAP_TESTS:-240}
+CAP_BENCH=${CAP_BENCH:-330}
+export SEERJAX_MAX_EXAMPLES=${SEERJAX_MAX_EXAMPLES:-3}
+
+run() {  # name cap command...
+  local name=$1 cap=$2
+  shift 2
+  echo "== $name (cap ${cap}s) $(date -u +%T)"
+  timeout "$cap" "$@" > "$out/$name.log" 2>&1
+  echo "rc=$?" >> "$out/$name.log"
+  tail -n 3 "$out/$name.log"
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    tests)
+      py=(python3 -m pytest -m gpu -q -p no:cacheprovider)
+      export XLA_PYTHON_CLIENT_PREALLOCATE=false  # four processes share the GPU
+      run t_pool_f32 "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and float32" &
+      run t_pool_rest "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and not float32" &
+      run t_sparse "$CAP_TESTS" "${py[@]}" tests/test_block_sparse.py tests/test_topk.py tests/test_block_pool.py &
+      run t_hopper "$CAP_TESTS" "${py[@]}" tests/test_hopper.py &
+      wait
+      unset XLA_PYTHON_CLIENT_PREALLOCATE
+      ;;
+    gate) run gate 120 python3 eval/bench_gate.py --lengths 32768,131072 --json "$out/gate.json" ;;
+    tune)
+      run tune_pooled "$CAP_BENCH" python3 eval/tune_kernels.py pooled --length 32768 --json "$out/tune_pooled.json"
+      run tune_hopper "$CAP_BENCH" python3 eval/tune_kernels.py hopper --length 131072 --densities 0.1 \
+        --json "$out/tune_hopper.json"
+      ;;
+    kernels)
+      run kernels "$CAP_BENCH" python3 eval/bench_kernels.py --lengths 8192,32768,131072 --densities 1.0,0.5,0.1 \
+        --implementation pallas,hopper --reps 5 --json "$out/kernels.json"
+      ;;
+    prefill)
+      run prefill "$CAP_BENCH" python3 eval/bench_prefill.py --lengths 32768,65536,131072 --densities 0.5,0.1 \
+        --reps 2 --json "$out/prefill.json"
+      ;;
+    *) echo "unknown step $step (tests, gate, tune, kernels, prefill)" >&2; exit 2 ;;
+  esac
+done
+echo "== done $(date -u +%T)"
