@@ -1,8 +1,8 @@
 """Launch-shape sweeps (GPU) for the kernels not covered by tune_block_sparse.py.
 
 * ``pooled``: the one-pass `attention_with_pooling` kernel's tiles (query rows, key rows, warps, stages);
-* ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``) and compute warpgroups per CTA,
-  against the Triton kernel on the same mask.
+* ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA and
+  query tiles per warpgroup, against the Triton kernel on the same mask.
 
 Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B 1.
 
@@ -76,17 +76,17 @@ def sweep_hopper(t: int, densities) -> list[dict]:
         ms = _time(lambda q, k, v, m: block_sparse_attention_pallas(q, k, v, m, shape, interpret=False), q, k, v, mask)
         rows.append({"kernel": "triton", "mask": name, "density": dens, "ms": ms})
         print(f"{name:5s} d={dens:<4} triton: {ms:.3f} ms", flush=True)
-        for stages, consumers in itertools.product((2, 3, 4), (1, 2)):
-            fn = lambda q, k, v, m, s=stages, c=consumers: block_sparse_attention_hopper(  # noqa: E731
-                q, k, v, m, shape, stages=s, consumers=c)
-            try:
-                ms = _time(fn, q, k, v, mask)
-            except ValueError as e:  # consumers that do not divide the tiles of a list row
-                print(f"  stages={stages} consumers={consumers}: {e}", flush=True)
+        tiles = (HQ // mask_heads) * (BS // 64)
+        for stages, consumers, tpw in itertools.product((2, 3, 4), (1, 2), (1, 2)):
+            if tiles % (consumers * tpw):  # the tiles of a list row must split evenly over the CTA's tiles
                 continue
+            fn = lambda q, k, v, m, s=stages, c=consumers, w=tpw: block_sparse_attention_hopper(  # noqa: E731
+                q, k, v, m, shape, stages=s, consumers=c, tiles_per_wg=w)
+            ms = _time(fn, q, k, v, mask)
             rows.append({"kernel": "hopper", "mask": name, "density": dens, "stages": stages,
-                         "consumers": consumers, "ms": ms})
-            print(f"{name:5s} d={dens:<4} hopper stages={stages} consumers={consumers}: {ms:.3f} ms", flush=True)
+                         "consumers": consumers, "tiles_per_wg": tpw, "ms": ms})
+            print(f"{name:5s} d={dens:<4} hopper stages={stages} consumers={consumers} tiles_per_wg={tpw}: "
+                  f"{ms:.3f} ms", flush=True)
     return rows
 
 

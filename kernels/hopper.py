@@ -17,6 +17,9 @@ How the work is laid out (FlashAttention-3-like, warp specialized):
     - per-KV-head masks: two query heads of the GQA group (same query rows),
     - per-query-head masks with block 128: the two 64-row halves of the block,
     - per-query-head masks with block 64: one compute warpgroup (nothing else shares the list).
+  With `tiles_per_wg=2` (a tuning option, not yet the default: it has not been timed) each compute warpgroup
+  owns two such tiles and runs both tiles' products on every K/V block it waits for, so 2 warpgroups serve
+  all 4 query heads of a Llama GQA group from one K/V stream (half the shared-memory fill traffic).
 * The producer walks the list (loop bound = the row's count), and issues TMA copies of K and V of the
   listed key block into a ring of `stages` shared-memory slots, each completing on an mbarrier; compute
   warpgroups release a slot through a "consumed" barrier.
@@ -89,6 +92,10 @@ class HopperPlan:
       has_lengths: right-padding lengths given.
       stages: K/V shared-memory ring depth (>= 2).
       consumers: compute warpgroups per CTA (1 or 2).
+      tiles_per_wg: 64-row query tiles per compute warpgroup (1 or 2). With 2, a warpgroup runs both tiles'
+        products on each K/V block it waits for (two accumulators in registers), so a CTA with 2 warpgroups
+        serves all 4 query heads of a Llama GQA group from one K/V stream: half the K/V traffic into
+        shared memory of 2 CTAs with 2 heads each.
     """
 
     shape: AttentionShape
@@ -96,6 +103,7 @@ class HopperPlan:
     has_lengths: bool
     stages: int
     consumers: int
+    tiles_per_wg: int = 1
 
     @property
     def share(self) -> int:
@@ -114,7 +122,11 @@ class HopperPlan:
 
     @property
     def ctas_per_row(self) -> int:
-        return self.tiles_per_row // self.consumers
+        return self.tiles_per_row // (self.consumers * self.tiles_per_wg)
+
+    @property
+    def tiles_per_cta(self) -> int:
+        return self.consumers * self.tiles_per_wg
 
     @property
     def any_masked(self) -> bool:
@@ -124,24 +136,31 @@ class HopperPlan:
 
 def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
-    consumers: int | None = None,
+    consumers: int | None = None, tiles_per_wg: int | None = None,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
         consumers = 2 if tiles % 2 == 0 else 1
     if consumers not in (1, 2) or tiles % consumers:
         raise ValueError(f"consumers must be 1 or 2 and divide the {tiles} tiles sharing a list, got {consumers}")
+    if tiles_per_wg is None:
+        tiles_per_wg = 1
+    if tiles_per_wg not in (1, 2) or tiles % (consumers * tiles_per_wg):
+        raise ValueError(
+            f"tiles_per_wg must be 1 or 2, and consumers × tiles_per_wg must divide the {tiles} tiles sharing a "
+            f"list; got tiles_per_wg={tiles_per_wg} with consumers={consumers}"
+        )
     if stages is None:
         stages = 2
     if stages < 2:
         raise ValueError(f"stages must be >= 2, got {stages}")
-    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers)
+    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg)
 
 
 def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
     """Shared memory of one CTA: Q/O tiles plus the K and V rings (barriers ignored)."""
     d, bs = plan.shape.head_dim, plan.shape.block_size
-    return itemsize * (plan.consumers * WG_ROWS * d + 2 * plan.stages * bs * d)
+    return itemsize * (plan.tiles_per_cta * WG_ROWS * d + 2 * plan.stages * bs * d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +181,8 @@ def _kernel_body(
     b = lax.axis_index("b")
     wg = lax.axis_index("wg")
     mhead = lax.div(chunk, jnp.int32(plan.ctas_per_row)) if plan.ctas_per_row > 1 else chunk
-    first_tile = lax.rem(chunk, jnp.int32(plan.ctas_per_row)) * consumers if plan.ctas_per_row > 1 else 0
+    tpw = plan.tiles_per_wg
+    first_tile = lax.rem(chunk, jnp.int32(plan.ctas_per_row)) * plan.tiles_per_cta if plan.ctas_per_row > 1 else 0
     kv_head = lax.div(mhead * plan.share, jnp.int32(sh.group)) if sh.group > 1 else mhead
 
     # Register layouts (wgmma's accumulator layout) are compile-time annotations; the CPU interpreter has
@@ -181,41 +201,28 @@ def _kernel_body(
     def _compute():
         if consumers == 2:
             plgpu.set_max_registers(232, action="increase")
-        tile = first_tile + wg
-        if plan.subtiles > 1:
-            head_off = lax.div(tile, jnp.int32(plan.subtiles))
-            sub = lax.rem(tile, jnp.int32(plan.subtiles))
-        else:
-            head_off, sub = tile, 0
-        head = mhead * plan.share + head_off
-        row0 = qblk * bs + sub * WG_ROWS
-        q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, WG_ROWS), head], q_tile, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
+        tiles = []  # (smem slot, first query row, query head) of this warpgroup's tiles
+        for j in range(tpw):
+            tile = first_tile + wg * tpw + j
+            if plan.subtiles > 1:
+                head_off = lax.div(tile, jnp.int32(plan.subtiles))
+                sub = lax.rem(tile, jnp.int32(plan.subtiles))
+            else:
+                head_off, sub = tile, 0
+            tiles.append((wg * tpw + j, qblk * bs + sub * WG_ROWS, mhead * plan.share + head_off))
+        for slot_q, row0, head in tiles:
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[b, pl.ds(row0, WG_ROWS), head], q_smem.at[slot_q], q_ready.at[slot_q]
+            )
+        for slot_q, _, _ in tiles:
+            plgpu.barrier_wait(q_ready.at[slot_q])
 
         valid = valid_ref[b]
         scale2 = jnp.float32(sh.sm_scale * LOG2_E)
         offset = sh.kv_len - sh.q_len
 
-        def step(it, carry, masked: bool):
-            acc, m_prev, l_prev = carry
-            slot = lax.rem(it, jnp.int32(stages))
-            plgpu.barrier_wait(k_ready.at[slot])
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                return acc_ref[...]
-
-            if interpreted:  # the CPU interpreter's wgmma takes no transposed operand: a plain dot
-                s = lax.dot_general(
-                    q_tile[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                    preferred_element_type=jnp.float32,
-                )
-            else:
-                s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bs), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
+        def softmax_update(s, row0, start, acc, m_prev, l_prev, masked: bool):
             if masked:
-                start = lists_ref[b, mhead, qblk, it] * bs
                 rows = iota((WG_ROWS, bs), 0) + row0
                 cols = iota((WG_ROWS, bs), 1) + start
                 vis = cols < valid
@@ -233,36 +240,66 @@ def _kernel_body(
             alpha = jnp.exp2(m_prev - m_use)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_next = l_prev * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
+            return p.astype(dtype), acc, m_next, l_next
+
+        def step(it, carry, masked: bool):
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+            start = lists_ref[b, mhead, qblk, it] * bs if masked else None
+            # Tile by tile: S = Q Kᵀ, then its softmax update right away, so only one float32 S tile is live
+            # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
+            updated = []
+            for (slot_q, row0, _), carry_j in zip(tiles, carry):
+                q_tile = q_smem.at[slot_q]
+
+                def qk(acc_ref, q_tile=q_tile):
+                    plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    return acc_ref[...]
+
+                if interpreted:  # the CPU interpreter's wgmma takes no transposed operand: a plain dot
+                    s_j = lax.dot_general(
+                        q_tile[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32,
+                    )
+                else:
+                    s_j = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bs), jnp.float32))
+                updated.append(softmax_update(s_j, row0, start, *carry_j, masked=masked))
+            plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
+            new_carry = []
+            for p16, acc, m_next, l_next in updated:
+                def pv(acc_ref, p16=p16):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-            if interpreted:  # the CPU interpreter's wgmma takes no register operand: a plain dot
-                acc = acc + lax.dot_general(
-                    p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-                )
-            else:  # wgmma accumulates onto acc in registers
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                if interpreted:  # the CPU interpreter's wgmma takes no register operand: a plain dot
+                    acc = acc + lax.dot_general(
+                        p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                    )
+                else:  # wgmma accumulates onto acc in registers
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                new_carry.append((acc, m_next, l_next))
             plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_next, l_next
+            return tuple(new_carry)
 
-        carry = (
-            cast(jnp.full((WG_ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA),
-            cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            cast(jnp.full((WG_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        carry = tuple(
+            (
+                cast(jnp.full((WG_ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA),
+                cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                cast(jnp.full((WG_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            )
+            for _ in tiles
         )
         if plan.any_masked:
             carry = lax.fori_loop(0, n_full, functools.partial(_call_step, step, False), carry)
             carry = lax.fori_loop(n_full, count, functools.partial(_call_step, step, True), carry)
         else:
             carry = lax.fori_loop(0, count, functools.partial(_call_step, step, False), carry)
-        acc, _, l = carry
-        l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
-        q_tile[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+        for (slot_q, row0, head), (acc, _, l) in zip(tiles, carry):
+            l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
+            q_smem.at[slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(row0, WG_ROWS), head])
+        for slot_q, row0, head in tiles:
+            plgpu.copy_smem_to_gmem(q_smem.at[slot_q], o_ref.at[b, pl.ds(row0, WG_ROWS), head])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == consumers)
@@ -322,14 +359,14 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
                 interpreted=interpret is not None,
             ),
             (
-                plgpu.SMEM((consumers, WG_ROWS, d), dtype, transforms=transforms),
+                plgpu.SMEM((plan.tiles_per_cta, WG_ROWS, d), dtype, transforms=transforms),
                 plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
                 plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
             ),
             (
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=consumers),
+                plgpu.Barrier(num_barriers=plan.tiles_per_cta),
             ),
             (
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
@@ -365,7 +402,7 @@ def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None)
 
 def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
-    consumers: int | None = None, interpret=None,
+    consumers: int | None = None, tiles_per_wg: int | None = None, interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
 
@@ -373,7 +410,7 @@ def block_sparse_attention_hopper(
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
-      stages, consumers: launch shape (tuning); None picks defaults.
+      stages, consumers, tiles_per_wg: launch shape (tuning; see :class:`HopperPlan`); None picks defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
 
@@ -388,7 +425,9 @@ def block_sparse_attention_hopper(
             f"{[t.name for t in SUPPORTED_DTYPES]}, head_dim in {SUPPORTED_HEAD_DIMS}, block_size in "
             f"{SUPPORTED_BLOCK_SIZES} (use the portable kernel)"
         )
-    plan = make_hopper_plan(shape, mask_heads, lengths is not None, stages=stages, consumers=consumers)
+    plan = make_hopper_plan(
+        shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg
+    )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
     return _forward_jit(q, k, v, block_mask, lengths, plan, interpret)

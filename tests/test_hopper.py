@@ -34,7 +34,7 @@ def _shape(b, t, s, hq, hkv, d, bs, *, causal=True, lengths=False, dtype=jnp.bfl
     return q, kv, n, check_attention_inputs(q, kv, kv, causal=causal, block_size=bs, sm_scale=None, lengths=n)
 
 
-def _lower(q, kv, lengths, shape, mask_heads, monkeypatch):
+def _lower(q, kv, lengths, shape, mask_heads, monkeypatch, **launch):
     """Lowers the kernel for CUDA on this host; returns (StableHLO text, Mosaic GPU module texts)."""
     from jax._src.pallas.mosaic_gpu import pallas_call_registration as registration
 
@@ -50,7 +50,7 @@ def _lower(q, kv, lengths, shape, mask_heads, monkeypatch):
     mask = jax.ShapeDtypeStruct((shape.batch, mask_heads, shape.nq, shape.nk), jnp.bool_)
 
     def forward(q, k, v, m, n):
-        return hopper.block_sparse_attention_hopper(q, k, v, m, shape, lengths=n)
+        return hopper.block_sparse_attention_hopper(q, k, v, m, shape, lengths=n, **launch)
 
     lowered = jax.jit(forward).trace(q, kv, kv, mask, lengths).lower(lowering_platforms=("cuda",))
     return lowered.as_text(), modules
@@ -122,6 +122,15 @@ def test_production_shape_lowers_for_cuda(mask_heads, with_lengths, monkeypatch)
     assert hopper.smem_bytes(plan) <= 227 * 1024
 
 
+def test_two_tiles_per_warpgroup_lower_for_cuda_at_production_shape(monkeypatch):
+    """Per-KV-head masks with all 4 heads of a group in one CTA (2 warpgroups × 2 tiles): one K/V stream."""
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
+    text, modules = _lower(q, kv, n, sh, 8, monkeypatch, consumers=2, tiles_per_wg=2)
+    _check_module(text, modules, sh, "bf16")
+    plan = hopper.make_hopper_plan(sh, 8, False, consumers=2, tiles_per_wg=2)
+    assert plan.ctas_per_row == 1 and hopper.smem_bytes(plan) <= 227 * 1024
+
+
 @pytest.mark.parametrize(
     "b,t,s,hq,hkv,d,bs,causal,lengths,dtype,mask_heads",
     [
@@ -147,6 +156,13 @@ def test_stages_and_consumers_options(monkeypatch):
         hopper.make_hopper_plan(sh, 8, False, consumers=2)  # per-q-head, block 64: 1 tile per list row
     plan = hopper.make_hopper_plan(sh, 2, False, stages=3, consumers=1)
     assert plan.ctas_per_row == 4
+    plan = hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2)
+    assert plan.ctas_per_row == 1 and plan.tiles_per_cta == 4
+    assert hopper.smem_bytes(plan) == 2 * (4 * 64 * 128 + 2 * 2 * 64 * 128)
+    with pytest.raises(ValueError, match="tiles_per_wg"):
+        hopper.make_hopper_plan(sh, 8, False, tiles_per_wg=2)  # per-q-head, block 64: 1 tile per list row
+    with pytest.raises(ValueError, match="tiles_per_wg"):
+        hopper.make_hopper_plan(sh, 2, False, tiles_per_wg=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,6 +185,11 @@ INTERPRET_CASES = [
     pytest.param((1, 256, 256, 2, 2, 64, 64, False, False, "float16", False, 1.0, 2, None), id="unmasked",
                  marks=pytest.mark.slow),
     pytest.param((1, 256, 256, 4, 2, 64, 64, True, False, "bfloat16", False, 0.5, 2, 1), id="1-consumer",
+                 marks=pytest.mark.slow),
+    # ..., tiles_per_wg: two query tiles per compute warpgroup
+    pytest.param((1, 256, 256, 8, 2, 64, 64, True, True, "bfloat16", False, 0.5, None, 2, 2), id="kv-mask-G4-2x2"),
+    pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "float16", False, 0.6, 3, 1, 2), id="kv-mask-G2-1x2"),
+    pytest.param((1, 256, 384, 2, 1, 64, 128, True, False, "bfloat16", True, 0.6, None, 1, 2), id="bs128-1x2",
                  marks=pytest.mark.slow),
 ]
 
@@ -214,11 +235,11 @@ def test_matches_reference_in_interpret_mode(case):
         pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
 
     sh, q, k, v, mask, lengths = _random_problem(case, seed=1)
-    stages, consumers = case[12:]
+    stages, consumers, tiles_per_wg = (*case[12:], None)[:3]
     gpu_interpret.reset_gpu_interpret_mode_state()
     try:
         out = hopper.block_sparse_attention_hopper(
-            q, k, v, mask, sh, lengths=lengths, stages=stages, consumers=consumers,
+            q, k, v, mask, sh, lengths=lengths, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
             interpret=InterpretGPUParams(detect_races=True),
         )
         out = np.asarray(out)
@@ -262,6 +283,19 @@ def test_matches_reference_on_gpu(case, seed):
     sh, q, k, v, mask, lengths = _random_problem(case, seed=1000 * seed + case[1])
     out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths)
     # float32 reference on the device (the [B, Hq, T, S] scores fit at 8k with 8 heads).
+    _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GPU_CASES[2], GPU_CASES[4], GPU_CASES[7]], ids=lambda c: "-".join(map(str, c)))
+def test_two_tiles_per_warpgroup_on_gpu(case):
+    """The per-KV-head layout with 2 query tiles per compute warpgroup (all of a GQA group in one CTA)."""
+    if not _gpu_available():
+        pytest.skip("needs a Hopper GPU")
+    sh, q, k, v, mask, lengths = _random_problem(case, seed=11)
+    tiles = (sh.q_heads // mask.shape[1]) * (sh.block_size // hopper.WG_ROWS)
+    consumers = 2 if tiles % 4 == 0 else 1
+    out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths, consumers=consumers, tiles_per_wg=2)
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
