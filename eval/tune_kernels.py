@@ -1,8 +1,8 @@
 """Launch-shape sweeps (GPU) for the kernels not covered by tune_block_sparse.py.
 
 * ``pooled``: the one-pass `attention_with_pooling` kernel's tiles (query rows, key rows, warps, stages);
-* ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA and
-  query tiles per warpgroup, against the Triton kernel on the same mask.
+* ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA, query
+  tiles per warpgroup and the ping-pong schedule, against the Triton kernel on the same mask.
 
 Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B 1.
 
@@ -77,16 +77,18 @@ def sweep_hopper(t: int, densities) -> list[dict]:
         rows.append({"kernel": "triton", "mask": name, "density": dens, "ms": ms})
         print(f"{name:5s} d={dens:<4} triton: {ms:.3f} ms", flush=True)
         tiles = (HQ // mask_heads) * (BS // 64)
-        for stages, consumers, tpw in itertools.product((2, 3, 4), (1, 2), (1, 2)):
+        for stages, consumers, tpw, pp in itertools.product((2, 3, 4), (1, 2), (1, 2), (False, True)):
             if tiles % (consumers * tpw):  # the tiles of a list row must split evenly over the CTA's tiles
                 continue
-            fn = lambda q, k, v, m, s=stages, c=consumers, w=tpw: block_sparse_attention_hopper(  # noqa: E731
-                q, k, v, m, shape, stages=s, consumers=c, tiles_per_wg=w)
+            if pp and (consumers != 2 or tpw != 1):  # the ping-pong schedule pairs two one-tile warpgroups
+                continue
+            fn = lambda q, k, v, m, s=stages, c=consumers, w=tpw, p=pp: block_sparse_attention_hopper(  # noqa: E731
+                q, k, v, m, shape, stages=s, consumers=c, tiles_per_wg=w, pingpong=p)
             ms = _time(fn, q, k, v, mask)
             rows.append({"kernel": "hopper", "mask": name, "density": dens, "stages": stages,
-                         "consumers": consumers, "tiles_per_wg": tpw, "ms": ms})
-            print(f"{name:5s} d={dens:<4} hopper stages={stages} consumers={consumers} tiles_per_wg={tpw}: "
-                  f"{ms:.3f} ms", flush=True)
+                         "consumers": consumers, "tiles_per_wg": tpw, "pingpong": pp, "ms": ms})
+            print(f"{name:5s} d={dens:<4} hopper stages={stages} consumers={consumers} tiles_per_wg={tpw} "
+                  f"pingpong={pp}: {ms:.3f} ms", flush=True)
     return rows
 
 

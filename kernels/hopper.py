@@ -96,6 +96,9 @@ class HopperPlan:
         products on each K/V block it waits for (two accumulators in registers), so a CTA with 2 warpgroups
         serves all 4 query heads of a Llama GQA group from one K/V stream: half the K/V traffic into
         shared memory of 2 CTAs with 2 heads each.
+      pingpong: FlashAttention-3's schedule between the two compute warpgroups (one's softmax runs while the
+        other's matmuls hold the tensor cores), through one shared barrier; needs consumers == 2 and
+        tiles_per_wg == 1. Both warpgroups walk the same list, so their steps pair up one to one.
     """
 
     shape: AttentionShape
@@ -104,6 +107,7 @@ class HopperPlan:
     stages: int
     consumers: int
     tiles_per_wg: int = 1
+    pingpong: bool = False
 
     @property
     def share(self) -> int:
@@ -136,7 +140,7 @@ class HopperPlan:
 
 def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
-    consumers: int | None = None, tiles_per_wg: int | None = None,
+    consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -154,7 +158,11 @@ def make_hopper_plan(
         stages = 2
     if stages < 2:
         raise ValueError(f"stages must be >= 2, got {stages}")
-    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg)
+    if pingpong and (consumers != 2 or tiles_per_wg != 1):
+        raise ValueError(
+            f"pingpong needs consumers=2 and tiles_per_wg=1, got consumers={consumers}, tiles_per_wg={tiles_per_wg}"
+        )
+    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong))
 
 
 def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
@@ -174,7 +182,11 @@ def _kernel_body(
     sh = plan.shape
     bs, d, stages, consumers = sh.block_size, sh.head_dim, plan.stages, plan.consumers
     dtype = q_ref.dtype
-    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scoped
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
+
+    def schedule_point():  # pingpong: arrive, then wait for the other compute warpgroup's matching arrival
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
 
     qblk = sh.nq - 1 - lax.axis_index("q")  # long causal rows first
     chunk = lax.axis_index("h")
@@ -254,6 +266,8 @@ def _kernel_body(
 
                 def qk(acc_ref, q_tile=q_tile):
                     plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    if plan.pingpong:
+                        schedule_point()
                     return acc_ref[...]
 
                 if interpreted:  # the CPU interpreter's wgmma takes no transposed operand: a plain dot
@@ -261,11 +275,18 @@ def _kernel_body(
                         q_tile[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32,
                     )
+                    if plan.pingpong:
+                        schedule_point()
                 else:
                     s_j = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bs), jnp.float32))
                 updated.append(softmax_update(s_j, row0, start, *carry_j, masked=masked))
             plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
+            if plan.pingpong:
+                plgpu.barrier_arrive(schedule)  # softmax done
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(schedule)  # the other warpgroup's QKᵀ has been issued: our turn for PV
+            else:
+                plgpu.barrier_wait(v_ready.at[slot])
             new_carry = []
             for p16, acc, m_next, l_next in updated:
                 def pv(acc_ref, p16=p16):
@@ -289,11 +310,15 @@ def _kernel_body(
             )
             for _ in tiles
         )
+        if plan.pingpong:  # the second warpgroup starts half a step behind the first
+            pl.when(wg == 1)(schedule_point)
         if plan.any_masked:
             carry = lax.fori_loop(0, n_full, functools.partial(_call_step, step, False), carry)
             carry = lax.fori_loop(n_full, count, functools.partial(_call_step, step, True), carry)
         else:
             carry = lax.fori_loop(0, count, functools.partial(_call_step, step, False), carry)
+        if plan.pingpong:  # ... and the first one ends with the matching extra arrival
+            pl.when(wg == 0)(schedule_point)
         for (slot_q, row0, head), (acc, _, l) in zip(tiles, carry):
             l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
             q_smem.at[slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
@@ -372,6 +397,7 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
             ),
+            plgpu.Barrier(num_arrivals=consumers),  # pingpong schedule (unused without it)
             collective_axes="wg",
         )
 
@@ -402,7 +428,7 @@ def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None)
 
 def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
-    consumers: int | None = None, tiles_per_wg: int | None = None, interpret=None,
+    consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False, interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
 
@@ -410,7 +436,8 @@ def block_sparse_attention_hopper(
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
-      stages, consumers, tiles_per_wg: launch shape (tuning; see :class:`HopperPlan`); None picks defaults.
+      stages, consumers, tiles_per_wg, pingpong: launch shape (tuning; see :class:`HopperPlan`); None picks
+        defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
 
@@ -426,7 +453,8 @@ def block_sparse_attention_hopper(
             f"{SUPPORTED_BLOCK_SIZES} (use the portable kernel)"
         )
     plan = make_hopper_plan(
-        shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg
+        shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
+        pingpong=pingpong,
     )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)

@@ -122,6 +122,12 @@ def test_production_shape_lowers_for_cuda(mask_heads, with_lengths, monkeypatch)
     assert hopper.smem_bytes(plan) <= 227 * 1024
 
 
+def test_pingpong_lowers_for_cuda_at_production_shape(monkeypatch):
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
+    text, modules = _lower(q, kv, n, sh, 8, monkeypatch, consumers=2, pingpong=True)
+    _check_module(text, modules, sh, "bf16")
+
+
 def test_two_tiles_per_warpgroup_lower_for_cuda_at_production_shape(monkeypatch):
     """Per-KV-head masks with all 4 heads of a group in one CTA (2 warpgroups × 2 tiles): one K/V stream."""
     q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
@@ -163,6 +169,10 @@ def test_stages_and_consumers_options(monkeypatch):
         hopper.make_hopper_plan(sh, 8, False, tiles_per_wg=2)  # per-q-head, block 64: 1 tile per list row
     with pytest.raises(ValueError, match="tiles_per_wg"):
         hopper.make_hopper_plan(sh, 2, False, tiles_per_wg=3)
+    with pytest.raises(ValueError, match="pingpong"):
+        hopper.make_hopper_plan(sh, 2, False, consumers=1, pingpong=True)
+    with pytest.raises(ValueError, match="pingpong"):
+        hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2, pingpong=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,6 +201,10 @@ INTERPRET_CASES = [
     pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "float16", False, 0.6, 3, 1, 2), id="kv-mask-G2-1x2"),
     pytest.param((1, 256, 384, 2, 1, 64, 128, True, False, "bfloat16", True, 0.6, None, 1, 2), id="bs128-1x2",
                  marks=pytest.mark.slow),
+    # ..., pingpong: the two compute warpgroups take turns on the tensor cores
+    pytest.param((2, 200, 200, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5, None, 2, 1, True), id="pingpong"),
+    pytest.param((1, 256, 256, 4, 1, 64, 128, True, False, "float16", True, 0.3, 3, 2, 1, True),
+                 id="pingpong-bs128", marks=pytest.mark.slow),
 ]
 
 
@@ -235,11 +249,12 @@ def test_matches_reference_in_interpret_mode(case):
         pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
 
     sh, q, k, v, mask, lengths = _random_problem(case, seed=1)
-    stages, consumers, tiles_per_wg = (*case[12:], None)[:3]
+    stages, consumers, tiles_per_wg, pingpong = (*case[12:], None, None)[:4]
     gpu_interpret.reset_gpu_interpret_mode_state()
     try:
         out = hopper.block_sparse_attention_hopper(
             q, k, v, mask, sh, lengths=lengths, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
+            pingpong=bool(pingpong),
             interpret=InterpretGPUParams(detect_races=True),
         )
         out = np.asarray(out)
@@ -296,6 +311,16 @@ def test_two_tiles_per_warpgroup_on_gpu(case):
     tiles = (sh.q_heads // mask.shape[1]) * (sh.block_size // hopper.WG_ROWS)
     consumers = 2 if tiles % 4 == 0 else 1
     out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths, consumers=consumers, tiles_per_wg=2)
+    _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[2], GPU_CASES[7]], ids=lambda c: "-".join(map(str, c)))
+def test_pingpong_on_gpu(case):
+    if not _gpu_available():
+        pytest.skip("needs a Hopper GPU")
+    sh, q, k, v, mask, lengths = _random_problem(case, seed=13)
+    out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths, consumers=2, pingpong=True)
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
