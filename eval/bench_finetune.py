@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -127,6 +128,12 @@ def main(argv=None) -> int:
         f"incl. {n_gate / 1e6:.1f}M gate), seq {args.seq_len}, global batch {batch} × accum {args.grad_accum}, "
         f"remat {args.remat}"
     )
+    # Float32 parameters, AdamW's two moments and the gradients: 16 bytes per parameter, split over fsdp × tensor.
+    state_gb = 16 * n_params / 1e9
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    print(f"training state (params + AdamW moments + grads, float32): {state_gb:.1f} GB in all, "
+          f"{state_gb / max(1, mesh.size // mesh.shape.get('data', 1)):.1f} GB per device"
+          + ("" if limit is None else f"; device memory {limit / 1e9:.1f} GB"), flush=True)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.grad_accum, batch, args.seq_len), dtype=np.int32)
     tokens = shd.put_batch(tokens, mesh, batch_dim=1)
     settings = [("dense", 1.0)] if "dense" in args.attention.split(",") else []
@@ -143,10 +150,12 @@ def main(argv=None) -> int:
             loss_chunk=args.loss_chunk, mesh=args.mesh, warmup=10, progress=False,
         )
         st = ft.setup(model, s, mesh)
+        print(f"  {attention} {density}: compiling and running the first step ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         st.trainable, st.opt_state, metrics = st.step_fn(st.trainable, st.opt_state, st.rest, tokens)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
+        print(f"  first step (compile included) {compile_s:.1f} s", file=sys.stderr, flush=True)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
