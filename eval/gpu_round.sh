@@ -39,7 +39,7 @@ for step in "${steps[@]}"; do
       run t_pool_f32 "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and float32" &
       run t_pool_rest "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and not float32" &
       run t_sparse "$CAP_TESTS" "${py[@]}" tests/test_block_sparse.py tests/test_topk.py tests/test_block_pool.py &
-      run t_hopper "$CAP_TESTS" "${py[@]}" tests/test_hopper.py &
+      run t_hopper "$CAP_TESTS" "${py[@]}" tests/test_hopper.py tests/test_hopper_bwd.py &
       wait
       unset XLA_PYTHON_CLIENT_PREALLOCATE
       ;;
@@ -48,6 +48,8 @@ for step in "${steps[@]}"; do
       run tune_pooled "$CAP_BENCH" python3 eval/tune_kernels.py pooled --length 32768 --json "$out/tune_pooled.json"
       run tune_hopper "$CAP_BENCH" python3 eval/tune_kernels.py hopper --length 131072 --densities 0.1 \
         --json "$out/tune_hopper.json"
+      run tune_backward "$CAP_BENCH" python3 eval/tune_kernels.py backward --length 32768 --densities 0.1 \
+        --json "$out/backward.json"
       ;;
     kernels)
       run kernels "$CAP_BENCH" python3 eval/bench_kernels.py --lengths 8192,32768,131072 --densities 1.0,0.5,0.1 \

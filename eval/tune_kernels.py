@@ -2,12 +2,14 @@
 
 * ``pooled``: the one-pass `attention_with_pooling` kernel's tiles (query rows, key rows, warps, stages);
 * ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA, query
-  tiles per warpgroup and the ping-pong schedule, against the Triton kernel on the same mask.
+  tiles per warpgroup and the ping-pong schedule, against the Triton kernel on the same mask;
+* ``backward``: the Mosaic GPU backward (`kernels/hopper_bwd.py`) against the Triton one and cuDNN's.
 
 Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B 1.
 
     python eval/tune_kernels.py pooled --length 32768 --json OUT/tune_pooled.json
     python eval/tune_kernels.py hopper --length 131072 --densities 0.1,0.5 --json OUT/tune_hopper.json
+    python eval/tune_kernels.py backward --length 32768 --densities 0.1 --json OUT/backward.json
 """
 
 from __future__ import annotations
@@ -92,17 +94,53 @@ def sweep_hopper(t: int, densities) -> list[dict]:
     return rows
 
 
+def compare_backward(t: int, densities) -> list[dict]:
+    """The portable (Triton) backward against the Mosaic GPU one on the same residuals, and cuDNN's."""
+    from seerjax.eval.bench_kernels import random_mask
+    from seerjax.kernels import block_sparse as bsp
+    from seerjax.kernels import hopper_bwd
+    from seerjax.kernels.checks import check_attention_inputs
+
+    q, k, v = _inputs(t)
+    do = jax.random.normal(jax.random.key(4), q.shape, q.dtype)
+    shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
+
+    def dense_loss(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+    cudnn_fwd = median_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")), q, k, v)
+    cudnn_bwd = median_ms(jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2))), q, k, v) - cudnn_fwd
+    print(f"cuDNN dense backward: {cudnn_bwd:.3f} ms", flush=True)
+    rows = [{"kernel": "cudnn", "density": 1.0, "ms": cudnn_bwd}]
+    for mask_heads, dens in itertools.product((HQ, HKV), densities):
+        mask = random_mask(jax.random.key(3), 1, mask_heads, t // BS, t // BS, dens)
+        pplan = bsp.make_plan(mask, shape, None, q.dtype, interpret=False)
+        _, residuals = jax.jit(lambda q, k, v, m, p=pplan: bsp._forward(q, k, v, m, None, p, False))(q, k, v, mask)
+        hplan = hopper_bwd.BwdPlan(shape, mask_heads, False)
+        name = "query" if mask_heads == HQ else "kv"
+        for kernel, fn in (("triton", lambda r, g, p=pplan: bsp._backward(p, False, r, g)),
+                           ("hopper", lambda r, g, p=hplan: hopper_bwd.backward_hopper(p, r, g))):
+            ms = _time(fn, residuals, do)
+            rows.append({"kernel": kernel, "mask": name, "density": dens, "ms": ms, "speedup": cudnn_bwd / ms})
+            print(f"{name:5s} d={dens:<4} {kernel} backward: {ms:.3f} ms ({cudnn_bwd / ms:.2f}× cuDNN)", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", choices=("pooled", "hopper"))
+    p.add_argument("kernel", choices=("pooled", "hopper", "backward"))
     p.add_argument("--length", type=int, default=32768)
-    p.add_argument("--densities", default="0.1,0.5", help="hopper sweep only")
+    p.add_argument("--densities", default="0.1,0.5", help="hopper and backward only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.kernel == "pooled":
         rows = sweep_pooled(args.length)
-    else:
+    elif args.kernel == "hopper":
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")])
+    else:
+        rows = compare_backward(args.length, [float(x) for x in args.densities.split(",")])
     good = [r for r in rows if r["ms"] == r["ms"]]
     if good:
         best = min(good, key=lambda r: r["ms"])

@@ -1,0 +1,394 @@
+"""Block-sparse flash attention backward for Hopper (sm_90) in Pallas Mosaic GPU: dq, and dk/dv.
+
+Same semantics as the portable backward (:func:`seerjax.kernels.block_sparse._backward`), whose residuals it
+takes: padded q, k, v and dO, the forward's base-2 log-sum-exp (`+inf` on rows that see no key), `delta =
+rowsum(dO · O)`, the row lists and the transposed lists with their spans. First version, not in the dispatch yet
+(it has run in Mosaic GPU interpret mode only); block size 64, head_dim 64 or 128, bf16/fp16.
+
+* **dq** — grid (query block, query head, batch); one compute warpgroup (a 64-row tile) and one producer. The
+  producer walks the row list of the tile's mask head and fetches K and V of each listed key block by TMA into a
+  ring; per block the warpgroup computes S = Q Kᵀ and dP = dO Vᵀ (wgmma, Q and dO resident in shared memory),
+  P = exp2(S·scale·log2 e − lse), dS = P ⊙ (dP − delta), dQ += dS K (dS from registers).
+* **dk, dv** — grid (key block, query head, batch): one 64-key tile of K and V resident in shared memory, the
+  producer walks the transposed list (the query blocks that selected this key block for the head's mask head)
+  and fetches Q, dO, lse and delta of each; per block Sᵀ = K Qᵀ, Pᵀ, dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ, dK += dSᵀ Q.
+  Each query head writes its own dk/dv partial (in the input dtype); XLA sums the G partials of a KV head. The
+  transposed lists put masked tiles first (the diagonal) and last (padding): `[0, lo)` and `[hi, count)` build
+  the element mask, `[lo, hi)` do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from seerjax.kernels.checks import AttentionShape
+from seerjax.kernels.hopper import _kernel_call, plgpu
+
+LOG2_E = math.log2(math.e)
+ROWS = 64  # the tile of both kernels: 64 query rows (dq) or 64 keys (dk/dv), one wgmma M tile
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def hopper_bwd_supported(shape: AttentionShape, mask_heads: int, dtype) -> bool:
+    """Whether :func:`backward_hopper` handles this call: bf16/fp16, block 64, head_dim 64 or 128."""
+    return (
+        plgpu is not None
+        and jnp.dtype(dtype) in SUPPORTED_DTYPES
+        and shape.block_size == ROWS
+        and shape.head_dim in (64, 128)
+        and mask_heads in (shape.q_heads, shape.kv_heads)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdPlan:
+    shape: AttentionShape
+    mask_heads: int
+    has_lengths: bool
+    stages: int = 2
+
+    @property
+    def share(self) -> int:
+        return self.shape.q_heads // self.mask_heads
+
+    @property
+    def any_masked(self) -> bool:
+        sh = self.shape
+        return sh.causal or self.has_lengths or sh.kv_len % sh.block_size != 0
+
+
+def _transforms():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _helpers(interpreted: bool):
+    if interpreted:
+        return (lambda x, layout: x), functools.partial(lax.broadcasted_iota, jnp.int32)
+    return plgpu.layout_cast, functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
+
+
+def _vector(ref, interpreted: bool, axis: int):
+    """A 64-float vector from shared memory in the layout that broadcasts along `1 - axis` of a wgmma tile."""
+    if interpreted:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def _dot_nt(a_ref, b_ref, interpreted: bool):
+    """a `[m, d]` · b `[n, d]`ᵀ → float32 `[m, n]`, both operands in shared memory."""
+    if interpreted:
+        return lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
+
+
+def _acc_dot(acc, a, b_ref, interpreted: bool):
+    """acc `[m, d]` += a `[m, k]` (registers) · b `[k, d]` (shared memory)."""
+    if interpreted:
+        return acc + lax.dot_general(a, b_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+# --------------------------------------------------------------------------------------------------
+# dq
+# --------------------------------------------------------------------------------------------------
+
+
+def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped,
+             *, plan: BwdPlan, interpreted: bool):
+    sh = plan.shape
+    bs, d, stages = sh.block_size, sh.head_dim, plan.stages
+    dtype = q_ref.dtype
+    (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem), (tile_ready, k_ready, v_ready), (k_free, v_free) = scoped
+    cast, iota = _helpers(interpreted)
+
+    qblk = sh.nq - 1 - lax.axis_index("q")
+    head = lax.axis_index("h")
+    b = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    mhead = lax.div(head, jnp.int32(plan.share)) if plan.share > 1 else head
+    kv_head = lax.div(head, jnp.int32(sh.group)) if sh.group > 1 else head
+    count = spans_ref[b, mhead, qblk, 2]
+    n_full = spans_ref[b, mhead, qblk, 1]  # row lists: [0, hi) full, [hi, count) masked
+    row0 = qblk * bs
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS), head], q_smem, tile_ready.at[0])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(row0, ROWS), head], do_smem, tile_ready.at[1])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, head, pl.ds(row0, ROWS)], lse_smem, tile_ready.at[2])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(row0, ROWS)], delta_smem, tile_ready.at[3])
+        for i in range(4):
+            plgpu.barrier_wait(tile_ready.at[i])
+        lse = _vector(lse_smem, interpreted, 0)
+        delta = _vector(delta_smem, interpreted, 0)
+        valid = valid_ref[b]
+        scale2 = jnp.float32(sh.sm_scale * LOG2_E)
+        offset = sh.kv_len - sh.q_len
+
+        def step(it, dq, masked: bool):
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+            s = _dot_nt(q_smem, k_smem.at[slot], interpreted)
+            plgpu.barrier_wait(v_ready.at[slot])
+            dp = _dot_nt(do_smem, v_smem.at[slot], interpreted)
+            plgpu.barrier_arrive(v_free.at[slot])
+            if masked:
+                start = lists_ref[b, mhead, qblk, it] * bs
+                rows = iota((ROWS, bs), 0) + row0
+                cols = iota((ROWS, bs), 1) + start
+                vis = (cols < valid) & ((cols <= rows + offset) if sh.causal else True)
+                if plan.has_lengths:
+                    vis = vis & (rows < valid)
+                s = jnp.where(vis, s, -jnp.inf)
+            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))  # lse = +inf: p = 0
+            ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+            dq = _acc_dot(dq, ds.astype(dtype), k_smem.at[slot], interpreted)
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
+
+        dq = cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+        if plan.any_masked:
+            dq = lax.fori_loop(0, n_full, lambda i, c: step(i, c, False), dq)
+            dq = lax.fori_loop(n_full, count, lambda i, c: step(i, c, True), dq)
+        else:
+            dq = lax.fori_loop(0, count, lambda i, c: step(i, c, False), dq)
+        q_smem[...] = (dq * jnp.float32(sh.sm_scale)).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, pl.ds(row0, ROWS), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _produce():
+        @pl.loop(0, count)
+        def _fetch(it):
+            slot = lax.rem(it, jnp.int32(stages))
+            keys = pl.ds(lists_ref[b, mhead, qblk, it] * bs, bs)
+
+            @pl.when(it >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(it >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        @pl.loop(jnp.maximum(count - stages, 0), count)
+        def _drain(it):
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def _dq_call(plan: BwdPlan, lists, spans, valid, q, k, v, do, lse_t, delta_t, interpret=None):
+    sh = plan.shape
+    d, bs, stages, dtype = sh.head_dim, sh.block_size, plan.stages, q.dtype
+    tr = _transforms()
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: _dq_body(*refs, scoped, plan=plan, interpreted=interpret is not None),
+            (
+                plgpu.SMEM((ROWS, d), dtype, transforms=tr),
+                plgpu.SMEM((ROWS, d), dtype, transforms=tr),
+                plgpu.SMEM((ROWS,), jnp.float32),
+                plgpu.SMEM((ROWS,), jnp.float32),
+                plgpu.SMEM((stages, bs, d), dtype, transforms=tr),
+                plgpu.SMEM((stages, bs, d), dtype, transforms=tr),
+            ),
+            (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+            (plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    kernel = _kernel_call(
+        entry, jax.ShapeDtypeStruct(q.shape, dtype), grid=(sh.nq, sh.q_heads, sh.batch), grid_names=("q", "h", "b"),
+        num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else {"interpret": interpret}),
+    )
+    return kernel(lists, spans, valid, q, k, v, do, lse_t, delta_t)
+
+
+# --------------------------------------------------------------------------------------------------
+# dk, dv
+# --------------------------------------------------------------------------------------------------
+
+
+def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+               scoped, *, plan: BwdPlan, interpreted: bool):
+    sh = plan.shape
+    bs, d, stages = sh.block_size, sh.head_dim, plan.stages
+    dtype = q_ref.dtype
+    (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), ready, (q_free, do_free) = scoped
+    kv_ready, q_ready, lse_ready, delta_ready, do_ready = ready  # one barrier per TMA copy in flight
+    cast, iota = _helpers(interpreted)
+
+    kblk = lax.axis_index("k")
+    head = lax.axis_index("h")
+    b = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    mhead = lax.div(head, jnp.int32(plan.share)) if plan.share > 1 else head
+    kv_head = lax.div(head, jnp.int32(sh.group)) if sh.group > 1 else head
+    lo = tspans_ref[b, mhead, kblk, 0]
+    hi = tspans_ref[b, mhead, kblk, 1]
+    count = tspans_ref[b, mhead, kblk, 2]
+    key0 = kblk * bs
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(key0, ROWS), kv_head], k_smem, kv_ready.at[0])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(key0, ROWS), kv_head], v_smem, kv_ready.at[1])
+        plgpu.barrier_wait(kv_ready.at[0])
+        plgpu.barrier_wait(kv_ready.at[1])
+        valid = valid_ref[b]
+        scale2 = jnp.float32(sh.sm_scale * LOG2_E)
+        offset = sh.kv_len - sh.q_len
+
+        def step(it, carry, masked: bool):
+            dk, dv = carry
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(q_ready.at[slot])
+            s_t = _dot_nt(k_smem, q_ring.at[slot], interpreted)  # [keys, query rows]
+            if masked:
+                start = tlists_ref[b, mhead, kblk, it] * bs
+                keys = iota((ROWS, bs), 0) + key0
+                rows = iota((ROWS, bs), 1) + start
+                vis = (keys < valid) & ((keys <= rows + offset) if sh.causal else True)
+                if plan.has_lengths:
+                    vis = vis & (rows < valid)
+                s_t = jnp.where(vis, s_t, -jnp.inf)
+            plgpu.barrier_wait(lse_ready.at[slot])
+            lse = _vector(lse_ring.at[slot], interpreted, 1)
+            p_t = jnp.exp2(s_t * scale2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+            plgpu.barrier_wait(do_ready.at[slot])
+            dv = _acc_dot(dv, p_t.astype(dtype), do_ring.at[slot], interpreted)
+            dp_t = _dot_nt(v_smem, do_ring.at[slot], interpreted)
+            plgpu.barrier_arrive(do_free.at[slot])
+            plgpu.barrier_wait(delta_ready.at[slot])
+            delta = _vector(delta_ring.at[slot], interpreted, 1)
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+            dk = _acc_dot(dk, ds_t.astype(dtype), q_ring.at[slot], interpreted)
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk, dv
+
+        zeros = cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+        carry = (zeros, zeros)
+        if plan.any_masked:
+            carry = lax.fori_loop(0, lo, lambda i, c: step(i, c, True), carry)
+            carry = lax.fori_loop(lo, hi, lambda i, c: step(i, c, False), carry)
+            carry = lax.fori_loop(hi, count, lambda i, c: step(i, c, True), carry)
+        else:
+            carry = lax.fori_loop(0, count, lambda i, c: step(i, c, False), carry)
+        dk, dv = carry
+        k_smem[...] = (dk * jnp.float32(sh.sm_scale)).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, pl.ds(key0, ROWS), head])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, pl.ds(key0, ROWS), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _produce():
+        @pl.loop(0, count)
+        def _fetch(it):
+            slot = lax.rem(it, jnp.int32(stages))
+            rows = pl.ds(tlists_ref[b, mhead, kblk, it] * bs, bs)
+
+            @pl.when(it >= stages)
+            def _():
+                plgpu.barrier_wait(q_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_ring.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_ring.at[slot], lse_ready.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_ring.at[slot], delta_ready.at[slot])
+
+            @pl.when(it >= stages)
+            def _():
+                plgpu.barrier_wait(do_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_ring.at[slot], do_ready.at[slot])
+
+        @pl.loop(jnp.maximum(count - stages, 0), count)
+        def _drain(it):
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(q_free.at[slot])
+            plgpu.barrier_wait(do_free.at[slot])
+
+
+def _dkdv_call(plan: BwdPlan, tlists, tspans, valid, q, k, v, do, lse_t, delta_t, interpret=None):
+    sh = plan.shape
+    d, bs, stages, dtype = sh.head_dim, sh.block_size, plan.stages, q.dtype
+    tr = _transforms()
+    b, s_pad = k.shape[0], k.shape[1]
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: _dkdv_body(*refs, scoped, plan=plan, interpreted=interpret is not None),
+            (
+                plgpu.SMEM((ROWS, d), dtype, transforms=tr),
+                plgpu.SMEM((ROWS, d), dtype, transforms=tr),
+                plgpu.SMEM((stages, bs, d), dtype, transforms=tr),
+                plgpu.SMEM((stages, bs, d), dtype, transforms=tr),
+                plgpu.SMEM((stages, bs), jnp.float32),
+                plgpu.SMEM((stages, bs), jnp.float32),
+            ),
+            (plgpu.Barrier(num_barriers=2),) + tuple(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
+            (plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    per_head = jax.ShapeDtypeStruct((b, s_pad, sh.q_heads, d), dtype)
+    kernel = _kernel_call(
+        entry, (per_head, per_head), grid=(sh.nk, sh.q_heads, sh.batch), grid_names=("k", "h", "b"),
+        num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else {"interpret": interpret}),
+    )
+    dk_h, dv_h = kernel(tlists, tspans, valid, q, k, v, do, lse_t, delta_t)
+
+    def by_kv_head(x):  # the G query heads' partials of each KV head, summed in float32
+        return x.reshape(b, s_pad, sh.kv_heads, sh.group, d).astype(jnp.float32).sum(axis=3).astype(dtype)
+
+    return by_kv_head(dk_h), by_kv_head(dv_h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry
+# --------------------------------------------------------------------------------------------------
+
+
+def backward_hopper(plan: BwdPlan, residuals, d_out, *, interpret=None):
+    """(dq, dk, dv) from the portable forward's residuals (see `block_sparse._forward`) and the output's
+    cotangent; the same values as `block_sparse._backward`."""
+    from seerjax.kernels.block_sparse import _pad_seq, compact_block_lists
+
+    sh = plan.shape
+    q_p, k_p, v_p, out_p, lse, lists, spans, valid, visible, full = residuals
+    do_p = _pad_seq(d_out.astype(q_p.dtype), q_p.shape[1])
+    delta = jnp.einsum("bthd,bthd->bth", do_p.astype(jnp.float32), out_p.astype(jnp.float32))
+    lse_t, delta_t = jnp.swapaxes(lse, 1, 2), jnp.swapaxes(delta, 1, 2)  # [B, Hq, Tp]: contiguous for TMA
+    dq = _dq_call(plan, lists, spans, valid, q_p, k_p, v_p, do_p, lse_t, delta_t, interpret)
+    lists_impl = "xla" if interpret is not None else None
+    tlists, tspans = compact_block_lists(
+        jnp.swapaxes(visible, 2, 3), jnp.swapaxes(full, 2, 3), implementation=lists_impl
+    )
+    dk, dv = _dkdv_call(plan, tlists, tspans, valid, q_p, k_p, v_p, do_p, lse_t, delta_t, interpret)
+    return dq[:, : sh.q_len], dk[:, : sh.kv_len], dv[:, : sh.kv_len]
