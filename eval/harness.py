@@ -37,6 +37,8 @@ class EvalSettings:
     densities: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
     methods: tuple[str, ...] = ("seer", "oracle", "streaming", "vertical_slash", "quest", "moba")
     thresholds: tuple[float, ...] = ()
+    keep_first: bool = False  # every sparse method also keeps the first key block (the attention sink)
+    dense_last_rows: int = 0  # ... and attends densely in the last this many query blocks
     num_sequences: int = 8
     batch: int = 1
     retrieval_lengths: tuple[int, ...] = ()
@@ -66,6 +68,8 @@ class EvalSettings:
         for t in self.thresholds:
             if not 0.0 <= t < 1.0:
                 raise EvalError(f"thresholds must be in [0, 1), got {t}")
+        if self.dense_last_rows < 0:
+            raise EvalError(f"dense_last_rows must be >= 0, got {self.dense_last_rows}")
         for name in ("seq_len", "num_sequences", "batch", "retrieval_samples", "recall_sequences"):
             if getattr(self, name) < 1:
                 raise EvalError(f"{name} must be positive, got {getattr(self, name)}")
@@ -221,6 +225,8 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
     os.makedirs(s.out, exist_ok=True)
     for method, density, threshold in grid:
         options = {"block_size": block_size, "implementation": s.implementation}
+        if method != "dense":
+            options.update(keep_first=s.keep_first, dense_last_rows=s.dense_last_rows)
         if threshold is not None:
             options["threshold"] = threshold
         else:

@@ -28,6 +28,7 @@ RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}
 RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
 DENSITIES=${DENSITIES:-0.5,0.25,0.1}
 EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
+SELECT=${SELECT:-}  # selection options of the evaluation, e.g. "--keep-first --dense-last-rows 1"
 SJ=${SEERJAX:-seerjax}
 MODEL=${MODEL:-$out/base/model}  # the base model distill and eval use (e.g. a carried bf16 copy)
 
@@ -51,7 +52,7 @@ fi
 if [[ $stage == all || $stage == eval ]]; then
   common=(--model "$MODEL" --data embedded:heldout --seq-len "$SEQ" --densities "$DENSITIES"
           --num-sequences "$EVAL_SEQS" --retrieval-lengths "$RETRIEVAL_LENGTHS" --retrieval-samples "$RETRIEVAL_SAMPLES"
-          --no-progress $EXTRA)
+          --no-progress $SELECT $EXTRA)
   echo "== eval: query-head gates (and oracle, baselines unless QUERY_METHODS says otherwise) $(date -u +%T)"
   $SJ eval "${common[@]}" --gates "$out/gates_query" --methods "${QUERY_METHODS:-seer,oracle,streaming,vertical_slash,quest,moba}" \
     --out "$out/eval_query"

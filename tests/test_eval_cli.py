@@ -45,3 +45,13 @@ def test_distill_then_eval_every_method(tmp_path):
     assert (tmp_path / "eval" / "ppl_vs_density.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "gate_vs_truth.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "results.md").exists()
+
+    # Selection options apply to every sparse method alike: keeping the first block and dense last rows can
+    # only add blocks, so each method's achieved density rises above its plain TopK run.
+    _run(["eval", *common, "--gates", str(tmp_path / "gates"), "--densities", "0.25", "--methods", "seer,streaming,quest",
+          "--keep-first", "--dense-last-rows", "2", "--num-sequences", "1", "--retrieval-samples", "1",
+          "--retrieval-depths", "0.5", "--out", str(tmp_path / "eval_opts")])
+    plain = {r["method"]: r for r in records if r["density"] == 0.25 and r.get("threshold") is None}
+    for r in json.loads((tmp_path / "eval_opts" / "results.json").read_text()):
+        if r["method"] != "dense":
+            assert r["achieved_density"] > plain[r["method"]]["achieved_density"] + 0.01, (r, plain[r["method"]])

@@ -178,6 +178,8 @@ def test_eval_settings_errors():
         EvalSettings(model="m", gates=None, data="d", seq_len=128, out="o")
     with pytest.raises(EvalError, match="shorter than one block"):
         EvalSettings(model="m", gates="g", data="d", seq_len=16, out="o")
+    with pytest.raises(EvalError, match="dense_last_rows"):
+        EvalSettings(model="m", gates="g", data="d", seq_len=128, out="o", dense_last_rows=-1)
 
 
 def test_eval_cli_bad_flags_exit_with_a_message(tmp_path):

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", type=_names, default=("seer", "oracle", "streaming", "vertical_slash", "quest", "moba"),
                    help="comma-separated: seer, oracle, streaming, vertical_slash, quest, moba (dense always runs)")
     p.add_argument("--thresholds", type=_floats, default=(), help="comma-separated softmax thresholds for 'seer'")
+    p.add_argument("--keep-first", action="store_true",
+                   help="every sparse method also keeps the first key block (the attention sink)")
+    p.add_argument("--dense-last-rows", type=int, default=0,
+                   help="every sparse method attends densely in the last N query blocks (default 0)")
     p.add_argument("--num-sequences", type=int, default=8, help="held-out sequences for perplexity")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--retrieval-lengths", type=_ints, default=(), help="passkey document lengths (default: --seq-len)")
@@ -55,6 +59,7 @@ def run(args) -> int:
     settings = EvalSettings(
         model=args.model, gates=args.gates, data=args.data, seq_len=args.seq_len, out=args.out,
         densities=args.densities, methods=args.methods, thresholds=args.thresholds,
+        keep_first=args.keep_first, dense_last_rows=args.dense_last_rows,
         num_sequences=args.num_sequences, batch=args.batch, retrieval_lengths=args.retrieval_lengths,
         retrieval_depths=args.retrieval_depths, retrieval_samples=args.retrieval_samples,
         block_size=args.block_size, dtype=args.dtype, implementation=args.implementation, mesh=args.mesh, seed=args.seed,
