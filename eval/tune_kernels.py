@@ -1,6 +1,7 @@
 """Launch-shape sweeps (GPU) for the kernels not covered by tune_block_sparse.py.
 
-* ``pooled``: the one-pass `attention_with_pooling` kernel's tiles (query rows, key rows, warps, stages);
+* ``pooled``: the one-pass `attention_with_pooling` kernel's tiles (query rows, key rows, warps, stages), and the
+  Mosaic GPU pooled forward (`hopper.attention_with_pooling_hopper`) beside them;
 * ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA, query
   tiles per warpgroup and the ping-pong schedule, against the Triton kernel on the same mask;
 * ``backward``: the Mosaic GPU backward (`kernels/hopper_bwd.py`) against the Triton one and cuDNN's.
@@ -60,6 +61,12 @@ def sweep_pooled(t: int) -> list[dict]:
                      "ms": ms, "vs_cudnn": ms / cudnn, "default": tiling == base})
         print(f"pooled block_q={block_q} block_k={block_k} warps={warps} stages={stages}: {ms:.3f} ms "
               f"({ms / cudnn:.2f}× cuDNN){'  (default)' if tiling == base else ''}", flush=True)
+    from seerjax.kernels import hopper
+
+    if hopper.is_hopper_device() and hopper.pooling_supported(shape, q.dtype):
+        ms = _time(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, shape), q, k, v)
+        rows.append({"kernel": "pooled (Mosaic GPU)", "ms": ms, "vs_cudnn": ms / cudnn, "default": False})
+        print(f"pooled, Mosaic GPU (kernels/hopper.py): {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN)", flush=True)
     return rows
 
 

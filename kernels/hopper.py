@@ -99,6 +99,9 @@ class HopperPlan:
       pingpong: FlashAttention-3's schedule between the two compute warpgroups (one's softmax runs while the
         other's matmuls hold the tensor cores), through one shared barrier; needs consumers == 2 and
         tiles_per_wg == 1. Both warpgroups walk the same list, so their steps pair up one to one.
+      emit_stats: also write, per query row, its max base-2 scaled logit of every listed key block
+        (`[B, Hq, nk, T_pad]` float32) and its base-2 log-sum-exp (`[B, Hq, T_pad]`, -inf when the row sees
+        nothing): what the one-pass pooled map is made of (:func:`attention_with_pooling_hopper`).
     """
 
     shape: AttentionShape
@@ -108,6 +111,7 @@ class HopperPlan:
     consumers: int
     tiles_per_wg: int = 1
     pingpong: bool = False
+    emit_stats: bool = False
 
     @property
     def share(self) -> int:
@@ -141,6 +145,7 @@ class HopperPlan:
 def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
+    emit_stats: bool = False,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -162,7 +167,9 @@ def make_hopper_plan(
         raise ValueError(
             f"pingpong needs consumers=2 and tiles_per_wg=1, got consumers={consumers}, tiles_per_wg={tiles_per_wg}"
         )
-    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong))
+    if emit_stats and tiles_per_wg != 1:
+        raise ValueError(f"emit_stats needs tiles_per_wg=1, got {tiles_per_wg}")
+    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats))
 
 
 def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
@@ -177,12 +184,15 @@ def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
 
 
 def _kernel_body(
-    lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, plan: HopperPlan, interpreted: bool
+    lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, plan: HopperPlan, interpreted: bool,
+    rm_ref=None, lse_ref=None,
 ):
     sh = plan.shape
     bs, d, stages, consumers = sh.block_size, sh.head_dim, plan.stages, plan.consumers
     dtype = q_ref.dtype
-    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped[:4]
+    if plan.emit_stats:
+        rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, 64] and [consumers, 64]
 
     def schedule_point():  # pingpong: arrive, then wait for the other compute warpgroup's matching arrival
         plgpu.barrier_arrive(schedule)
@@ -243,7 +253,8 @@ def _kernel_body(
                 if plan.has_lengths:
                     vis = vis & (rows < valid)
                 s = jnp.where(vis, s, -jnp.inf)
-            m_next = jnp.maximum(m_prev, s.max(axis=1) * scale2)
+            block_max = s.max(axis=1) * scale2
+            m_next = jnp.maximum(m_prev, block_max)
             if masked:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
                 m_use = jnp.where(m_next == -jnp.inf, 0.0, m_next)
             else:
@@ -252,7 +263,7 @@ def _kernel_body(
             alpha = jnp.exp2(m_prev - m_use)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_next = l_prev * alpha + p.sum(axis=1)
-            return p.astype(dtype), acc, m_next, l_next
+            return p.astype(dtype), acc, m_next, l_next, block_max
 
         def step(it, carry, masked: bool):
             slot = lax.rem(it, jnp.int32(stages))
@@ -279,7 +290,15 @@ def _kernel_body(
                         schedule_point()
                 else:
                     s_j = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bs), jnp.float32))
-                updated.append(softmax_update(s_j, row0, start, *carry_j, masked=masked))
+                *update, block_max = softmax_update(s_j, row0, start, *carry_j, masked=masked)
+                updated.append(update)
+                if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
+                    stage = rm_stage.at[wg, lax.rem(it, jnp.int32(2))]
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two steps ago has read it
+                    stage[...] = block_max
+                    plgpu.commit_smem()
+                    key_block = lists_ref[b, mhead, qblk, it]
+                    plgpu.copy_smem_to_gmem(stage, rm_ref.at[b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
             plgpu.barrier_arrive(k_free.at[slot])
             if plan.pingpong:
                 plgpu.barrier_arrive(schedule)  # softmax done
@@ -319,12 +338,16 @@ def _kernel_body(
             carry = lax.fori_loop(0, count, functools.partial(_call_step, step, False), carry)
         if plan.pingpong:  # ... and the first one ends with the matching extra arrival
             pl.when(wg == 0)(schedule_point)
-        for (slot_q, row0, head), (acc, _, l) in zip(tiles, carry):
+        for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
             l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
             q_smem.at[slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            if plan.emit_stats:
+                lse_stage.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
         plgpu.commit_smem()
         for slot_q, row0, head in tiles:
             plgpu.copy_smem_to_gmem(q_smem.at[slot_q], o_ref.at[b, pl.ds(row0, WG_ROWS), head])
+            if plan.emit_stats:
+                plgpu.copy_smem_to_gmem(lse_stage.at[wg], lse_ref.at[b, head, pl.ds(row0, WG_ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == consumers)
@@ -377,11 +400,14 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     # 128-byte swizzle: 64 16-bit elements per swizzled row, the layout wgmma reads.
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def entry(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref):
+    def entry(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs):
+        stats = (
+            (plgpu.SMEM((consumers, 2, WG_ROWS), jnp.float32), plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),
+        ) if plan.emit_stats else ()
         pl.run_scoped(
             lambda *scoped: _kernel_body(
                 lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, scoped, plan=plan,
-                interpreted=interpret is not None,
+                interpreted=interpret is not None, **dict(zip(("rm_ref", "lse_ref"), stat_refs)),
             ),
             (
                 plgpu.SMEM((plan.tiles_per_cta, WG_ROWS, d), dtype, transforms=transforms),
@@ -398,12 +424,21 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
             ),
             plgpu.Barrier(num_arrivals=consumers),  # pingpong schedule (unused without it)
+            *stats,
             collective_axes="wg",
         )
 
+    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    if plan.emit_stats:
+        b, t_pad = q.shape[0], q.shape[1]
+        out_type = (
+            out_type,
+            jax.ShapeDtypeStruct((b, sh.q_heads, sh.nk, t_pad), jnp.float32),
+            jax.ShapeDtypeStruct((b, sh.q_heads, t_pad), jnp.float32),
+        )
     kernel = _kernel_call(
         entry,
-        jax.ShapeDtypeStruct(q.shape, dtype),
+        out_type,
         grid=(sh.nq, plan.mask_heads * plan.ctas_per_row, sh.batch),
         grid_names=("q", "h", "b"),
         num_threads=consumers + 1,
@@ -515,3 +550,53 @@ def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, l
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
     return _hopper_differentiable(q, k, v, block_mask, lengths, hplan, pplan)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention_with_pooling on Hopper: the forward over every visible block, plus per-row statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "interpret"))
+def _pooled_forward_jit(q, k, v, lengths, plan: HopperPlan, interpret=None):
+    from seerjax.kernels import pooling
+
+    sh = plan.shape
+    every_block = jnp.ones((sh.batch, plan.mask_heads, sh.nq, sh.nk), bool)
+    visible, full = block_tables(every_block, sh, lengths)
+    lists, spans = compact_block_lists(visible, full, implementation="xla" if interpret is not None else None)
+    valid = valid_lengths(sh, lengths)
+    t_pad, s_pad = sh.nq * sh.block_size, sh.nk * sh.block_size
+    q_p, k_p, v_p = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
+    out_p, rowmax, lse2 = _forward_call(plan, lists, spans, valid, q_p, k_p, v_p, interpret)
+    # The same epilogue as the portable one-pass path: pooled = max over a block's rows that see the key block
+    # of exp2(rowmax - lse2); pairs no row sees (and blocks the kernel never visited) are masked there.
+    tiles = pooling.Tiling(block_q=sh.block_size, block_k=sh.block_size, num_warps=4, num_stages=2)
+    pooled = pooling._pool_rowmax(rowmax, lse2, lengths, sh, tiles)
+    return out_p[:, : sh.q_len], pooled, lse2[:, :, : sh.q_len] * math.log(2.0)
+
+
+def pooling_supported(shape: AttentionShape, dtype) -> bool:
+    """Whether :func:`attention_with_pooling_hopper` handles this call (the forward's shapes, Mosaic GPU)."""
+    return hopper_supported(shape, shape.kv_heads, dtype)
+
+
+def attention_with_pooling_hopper(q, k, v, shape: AttentionShape, *, lengths=None, return_lse=False, interpret=None):
+    """`attention_with_pooling` on Hopper (Pallas Mosaic GPU): the block-sparse forward over every visible block
+    (one K/V stream per GQA pair of heads), writing each row's max scaled logit per key block and its log-sum-exp;
+    one XLA reduction then pools them, as the portable one-pass path does. Not differentiable.
+
+    The row-max buffer is float32 `[B, Hq, nk, T]` (2 GiB at 32k tokens for Llama-3-8B's 32 heads); this first
+    version has no chunking over heads, so at 128k it needs 34 GB.
+    """
+    if not pooling_supported(shape, q.dtype):
+        raise ValueError(
+            f"attention_with_pooling_hopper does not support dtype {jnp.dtype(q.dtype).name}, head_dim "
+            f"{shape.head_dim}, block_size {shape.block_size}; expected dtype in {[t.name for t in SUPPORTED_DTYPES]}, "
+            f"head_dim in {SUPPORTED_HEAD_DIMS}, block_size in {SUPPORTED_BLOCK_SIZES} (use the portable kernel)"
+        )
+    plan = make_hopper_plan(shape, shape.kv_heads, lengths is not None, emit_stats=True)
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+    out, pooled, lse = _pooled_forward_jit(q, k, v, lengths, plan, interpret)
+    return (out, pooled, lse) if return_lse else (out, pooled)

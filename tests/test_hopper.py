@@ -357,3 +357,85 @@ def test_dispatch_entry_is_registered_and_checks_the_device():
 
     assert "hopper" in api._SPARSE
     assert not hopper.is_hopper_device(jax.devices("cpu")[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# attention_with_pooling on Hopper (emit_stats): interpret mode against the reference
+# --------------------------------------------------------------------------------------------------
+
+POOLED_CASES = [
+    # b, t, s, hq, hkv, d, bs, causal, lengths, dtype
+    pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "bfloat16"), id="causal-G2"),
+    pytest.param((2, 150, 150, 2, 1, 64, 64, True, True, "float16"), id="lengths-partial"),
+    pytest.param((1, 128, 256, 2, 2, 64, 128, True, False, "bfloat16"), id="T<S-bs128", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("case", POOLED_CASES)
+def test_pooled_matches_reference_in_interpret_mode(case):
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as err:
+        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
+    from seerjax.kernels import api
+
+    b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype = case
+    sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0), seed=2)
+    gpu_interpret.reset_gpu_interpret_mode_state()
+    try:
+        got = hopper.attention_with_pooling_hopper(
+            q, k, v, sh, lengths=lengths, return_lse=True, interpret=InterpretGPUParams(detect_races=True)
+        )
+        got = [np.asarray(x, np.float32) for x in got]
+        assert not gpu_interpret.get_races().races_found
+    finally:
+        gpu_interpret.reset_gpu_interpret_mode_state()
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = api.attention_with_pooling(f32(q), f32(k), f32(v), causal=causal, block_size=bs, lengths=lengths,
+                                      return_lse=True, implementation="reference")
+    for name, g, w in zip(("out", "pooled", "lse"), got, want):
+        w = np.asarray(w, np.float32)
+        assert g.shape == w.shape, name
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
+        np.testing.assert_array_equal(g[~finite], w[~finite], err_msg=name)
+        assert np.abs(g[finite] - w[finite]).max() <= 2e-2 * max(np.abs(w[finite]).max(), 1e-6), name
+
+
+def test_pooled_plan_checks():
+    q, kv, n, sh = _shape(1, 512, 512, 8, 2, 128, 64)
+    with pytest.raises(ValueError, match="emit_stats"):
+        hopper.make_hopper_plan(sh, 2, False, consumers=1, tiles_per_wg=2, emit_stats=True)
+    q32 = jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.float32)
+    kv32 = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.float32)
+    sh32 = check_attention_inputs(q32, kv32, kv32, causal=True, block_size=64, sm_scale=None, lengths=None)
+    with pytest.raises(ValueError, match="float32"):
+        hopper.attention_with_pooling_hopper(jnp.zeros(q32.shape), jnp.zeros(kv32.shape), jnp.zeros(kv32.shape), sh32)
+
+
+def test_pooled_lowers_for_cuda_at_production_shape():
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
+    text = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, sh)).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [(1, 777, 777, 8, 2, 128, 64, True, True, "bfloat16"),
+                                  (1, 8192, 8192, 8, 2, 128, 64, True, False, "bfloat16")])
+def test_pooled_matches_reference_on_gpu(case):
+    if not _gpu_available():
+        pytest.skip("needs a Hopper GPU")
+    from seerjax.kernels import api
+
+    b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype = case
+    sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0), seed=4)
+    got = hopper.attention_with_pooling_hopper(q, k, v, sh, lengths=lengths, return_lse=True)
+    want = api.attention_with_pooling(q, k, v, causal=causal, block_size=bs, lengths=lengths, return_lse=True,
+                                      implementation="pallas")
+    for name, g, w in zip(("out", "pooled", "lse"), got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
+        assert np.abs(g[finite] - w[finite]).max() <= 2e-2 * max(np.abs(w[finite]).max(), 1e-6), name
