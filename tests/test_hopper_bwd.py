@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(hopper.plgpu is None, reason="jax build without 
 CASES = [
     # b, t, s, hq, hkv, d, causal, lengths, dtype, per_query_head_mask, density
     pytest.param((1, 192, 192, 4, 2, 64, True, False, "bfloat16", False, 0.6), id="kv-mask"),
-    pytest.param((2, 150, 150, 2, 1, 64, True, True, "float16", True, 0.5), id="q-mask-lengths-partial"),
+    pytest.param((1, 150, 150, 2, 1, 64, True, True, "float16", True, 0.5), id="q-mask-lengths-partial"),
     pytest.param((1, 128, 256, 2, 2, 64, True, False, "bfloat16", True, 0.7), id="T<S", marks=pytest.mark.slow),
     pytest.param((1, 128, 96, 2, 1, 64, False, False, "bfloat16", False, 0.8), id="noncausal",
                  marks=pytest.mark.slow),
