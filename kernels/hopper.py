@@ -179,6 +179,88 @@ def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Pieces shared by the forward and backward kernels (kernels/hopper_bwd.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def layout_helpers(interpreted: bool):
+    """(cast, iota): register layouts (wgmma's accumulator layout) are compile-time annotations; the CPU
+    interpreter has no rule for them and needs none."""
+    if interpreted:
+        return (lambda x, layout: x), functools.partial(lax.broadcasted_iota, jnp.int32)
+    return plgpu.layout_cast, functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
+
+
+def dot_nt(a_ref, b_ref, interpreted: bool, after_issue=None):
+    """a `[m, d]` · b `[n, d]`ᵀ → float32 `[m, n]`, both operands in shared memory; `after_issue` runs between
+    issuing the wgmma and waiting for it (the ping-pong schedule point). The CPU interpreter's wgmma takes no
+    transposed operand: there a plain dot."""
+    if interpreted:
+        out = lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if after_issue is not None:
+            after_issue()
+        return out
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+        if after_issue is not None:
+            after_issue()
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
+
+
+def acc_dot(acc, a, b_ref, interpreted: bool):
+    """acc `[m, d]` += a `[m, k]` (registers) · b `[k, d]` (shared memory). The CPU interpreter's wgmma takes
+    no register operand: there a plain dot."""
+    if interpreted:
+        return acc + lax.dot_general(a, b_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def kv_streams(k_ref, v_ref, b, kv_head, bs: int, k_ring, v_ring):
+    """`ring_producer` streams of K and V blocks of one KV head; each ring is (smem, ready, free)."""
+    def stream(ref, ring):
+        smem, ready, free = ring
+        return free, [(lambda blk: ref.at[b, pl.ds(blk * bs, bs), kv_head], smem, ready)]
+
+    return [stream(k_ref, k_ring), stream(v_ref, v_ring)]
+
+
+def ring_producer(count, stages: int, block_at, streams) -> None:
+    """The producer warpgroup of a TMA ring of `stages` slots, walking `count` list entries.
+
+    For entry `it` (block `block_at(it)`), each stream `(free, copies)` first waits until the consumers released
+    the slot's previous contents (`free`, from the second round on), then issues its copies `(src, ring, ready)`:
+    `src(block)` (a global-memory ref) into `ring.at[slot]`, completing on `ready.at[slot]`. At the end it
+    observes the last releases too, so every barrier phase is waited on before the CTA's barriers go away (the
+    interpreter checks this; on the GPU it costs the idle producer only)."""
+
+    @pl.loop(0, count)
+    def _fetch(it):
+        slot = lax.rem(it, jnp.int32(stages))
+        block = block_at(it)
+        for free, copies in streams:
+
+            @pl.when(it >= stages)
+            def _(free=free):
+                plgpu.barrier_wait(free.at[slot])
+
+            for src, ring, ready in copies:
+                plgpu.copy_gmem_to_smem(src(block), ring.at[slot], ready.at[slot])
+
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _drain(it):
+        slot = lax.rem(it, jnp.int32(stages))
+        for free, _ in streams:
+            plgpu.barrier_wait(free.at[slot])
+
+
+# --------------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------------
 
@@ -207,14 +289,7 @@ def _kernel_body(
     first_tile = lax.rem(chunk, jnp.int32(plan.ctas_per_row)) * plan.tiles_per_cta if plan.ctas_per_row > 1 else 0
     kv_head = lax.div(mhead * plan.share, jnp.int32(sh.group)) if sh.group > 1 else mhead
 
-    # Register layouts (wgmma's accumulator layout) are compile-time annotations; the CPU interpreter has
-    # no rule for them and needs none.
-    if interpreted:
-        cast = lambda x, layout: x  # noqa: E731
-        iota = functools.partial(lax.broadcasted_iota, jnp.int32)
-    else:
-        cast = plgpu.layout_cast
-        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
+    cast, iota = layout_helpers(interpreted)
 
     count = spans_ref[b, mhead, qblk, 2]
     n_full = spans_ref[b, mhead, qblk, 1]  # lo == 0 for row lists: [0, hi) full, [hi, count) masked
@@ -273,23 +348,8 @@ def _kernel_body(
             # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
             updated = []
             for (slot_q, row0, _), carry_j in zip(tiles, carry):
-                q_tile = q_smem.at[slot_q]
-
-                def qk(acc_ref, q_tile=q_tile):
-                    plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    if plan.pingpong:
-                        schedule_point()
-                    return acc_ref[...]
-
-                if interpreted:  # the CPU interpreter's wgmma takes no transposed operand: a plain dot
-                    s_j = lax.dot_general(
-                        q_tile[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32,
-                    )
-                    if plan.pingpong:
-                        schedule_point()
-                else:
-                    s_j = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bs), jnp.float32))
+                s_j = dot_nt(q_smem.at[slot_q], k_smem.at[slot], interpreted,
+                             after_issue=schedule_point if plan.pingpong else None)
                 *update, block_max = softmax_update(s_j, row0, start, *carry_j, masked=masked)
                 updated.append(update)
                 if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
@@ -308,16 +368,7 @@ def _kernel_body(
                 plgpu.barrier_wait(v_ready.at[slot])
             new_carry = []
             for p16, acc, m_next, l_next in updated:
-                def pv(acc_ref, p16=p16):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                if interpreted:  # the CPU interpreter's wgmma takes no register operand: a plain dot
-                    acc = acc + lax.dot_general(
-                        p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-                    )
-                else:  # wgmma accumulates onto acc in registers
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                new_carry.append((acc, m_next, l_next))
+                new_carry.append((acc_dot(acc, p16, v_smem.at[slot], interpreted), m_next, l_next))
             plgpu.barrier_arrive(v_free.at[slot])
             return tuple(new_carry)
 
@@ -355,30 +406,8 @@ def _kernel_body(
         if consumers == 2:
             plgpu.set_max_registers(40, action="decrease")
 
-        @pl.loop(0, count)
-        def _fetch(it):
-            slot = lax.rem(it, jnp.int32(stages))
-            keys = pl.ds(lists_ref[b, mhead, qblk, it] * bs, bs)
-
-            @pl.when(it >= stages)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
-
-            @pl.when(it >= stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
-
-        # Observe the last releases too: every barrier phase is then waited on by its waiter before the
-        # CTA's barriers go away (the interpreter checks this; on the GPU it costs the idle producer only).
-        @pl.loop(jnp.maximum(count - stages, 0), count)
-        def _drain(it):
-            slot = lax.rem(it, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        ring_producer(count, stages, lambda it: lists_ref[b, mhead, qblk, it], kv_streams(
+            k_ref, v_ref, b, kv_head, bs, (k_smem, k_ready, k_free), (v_smem, v_ready, v_free)))
 
 
 def _call_step(step, masked, it, carry):
@@ -449,16 +478,19 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     return kernel(lists, spans, valid, q, k, v)
 
 
+def _prepare(q, k, v, block_mask, lengths, sh: AttentionShape, interpret):
+    """The kernel's inputs: row lists and spans of the visible selected blocks, valid lengths, and q, k, v
+    padded to whole blocks."""
+    visible, full = block_tables(block_mask, sh, lengths)
+    lists, spans = compact_block_lists(visible, full, implementation="xla" if interpret is not None else None)
+    t_pad, s_pad = sh.nq * sh.block_size, sh.nk * sh.block_size
+    return lists, spans, valid_lengths(sh, lengths), _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
+
+
 @functools.partial(jax.jit, static_argnames=("plan", "interpret"))
 def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None):
-    sh = plan.shape
-    visible, full = block_tables(block_mask, sh, lengths)
-    lists, spans = compact_block_lists(visible, full)
-    valid = valid_lengths(sh, lengths)
-    t_pad, s_pad = sh.nq * sh.block_size, sh.nk * sh.block_size
-    q_p, k_p, v_p = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
-    out_p = _forward_call(plan, lists, spans, valid, q_p, k_p, v_p, interpret)
-    return out_p[:, : sh.q_len]
+    out_p = _forward_call(plan, *_prepare(q, k, v, block_mask, lengths, plan.shape, interpret), interpret)
+    return out_p[:, : plan.shape.q_len]
 
 
 def block_sparse_attention_hopper(
@@ -563,12 +595,7 @@ def _pooled_forward_jit(q, k, v, lengths, plan: HopperPlan, interpret=None):
 
     sh = plan.shape
     every_block = jnp.ones((sh.batch, plan.mask_heads, sh.nq, sh.nk), bool)
-    visible, full = block_tables(every_block, sh, lengths)
-    lists, spans = compact_block_lists(visible, full, implementation="xla" if interpret is not None else None)
-    valid = valid_lengths(sh, lengths)
-    t_pad, s_pad = sh.nq * sh.block_size, sh.nk * sh.block_size
-    q_p, k_p, v_p = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
-    out_p, rowmax, lse2 = _forward_call(plan, lists, spans, valid, q_p, k_p, v_p, interpret)
+    out_p, rowmax, lse2 = _forward_call(plan, *_prepare(q, k, v, every_block, lengths, sh, interpret), interpret)
     # The same epilogue as the portable one-pass path: pooled = max over a block's rows that see the key block
     # of exp2(rowmax - lse2); pairs no row sees (and blocks the kernel never visited) are masked there.
     tiles = pooling.Tiling(block_q=sh.block_size, block_k=sh.block_size, num_warps=4, num_stages=2)

@@ -20,7 +20,6 @@ rowsum(dO · O)`, the row lists and the transposed lists with their spans. First
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -29,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from seerjax.kernels.checks import AttentionShape
-from seerjax.kernels.hopper import _kernel_call, plgpu
+from seerjax.kernels.hopper import _kernel_call, acc_dot, dot_nt, kv_streams, layout_helpers, plgpu, ring_producer
 
 LOG2_E = math.log2(math.e)
 ROWS = 64  # the tile of both kernels: 64 query rows (dq) or 64 keys (dk/dv), one wgmma M tile
@@ -68,40 +67,11 @@ def _transforms():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _helpers(interpreted: bool):
-    if interpreted:
-        return (lambda x, layout: x), functools.partial(lax.broadcasted_iota, jnp.int32)
-    return plgpu.layout_cast, functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
-
-
 def _vector(ref, interpreted: bool, axis: int):
     """A 64-float vector from shared memory in the layout that broadcasts along `1 - axis` of a wgmma tile."""
     if interpreted:
         return ref[...]
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
-
-
-def _dot_nt(a_ref, b_ref, interpreted: bool):
-    """a `[m, d]` · b `[n, d]`ᵀ → float32 `[m, n]`, both operands in shared memory."""
-    if interpreted:
-        return lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
-        return acc_ref[...]
-
-    return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
-
-
-def _acc_dot(acc, a, b_ref, interpreted: bool):
-    """acc `[m, d]` += a `[m, k]` (registers) · b `[k, d]` (shared memory)."""
-    if interpreted:
-        return acc + lax.dot_general(a, b_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_ref)
-
-    return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +85,7 @@ def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     bs, d, stages = sh.block_size, sh.head_dim, plan.stages
     dtype = q_ref.dtype
     (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem), (tile_ready, k_ready, v_ready), (k_free, v_free) = scoped
-    cast, iota = _helpers(interpreted)
+    cast, iota = layout_helpers(interpreted)
 
     qblk = sh.nq - 1 - lax.axis_index("q")
     head = lax.axis_index("h")
@@ -144,9 +114,9 @@ def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_r
         def step(it, dq, masked: bool):
             slot = lax.rem(it, jnp.int32(stages))
             plgpu.barrier_wait(k_ready.at[slot])
-            s = _dot_nt(q_smem, k_smem.at[slot], interpreted)
+            s = dot_nt(q_smem, k_smem.at[slot], interpreted)
             plgpu.barrier_wait(v_ready.at[slot])
-            dp = _dot_nt(do_smem, v_smem.at[slot], interpreted)
+            dp = dot_nt(do_smem, v_smem.at[slot], interpreted)
             plgpu.barrier_arrive(v_free.at[slot])
             if masked:
                 start = lists_ref[b, mhead, qblk, it] * bs
@@ -158,7 +128,7 @@ def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_r
                 s = jnp.where(vis, s, -jnp.inf)
             p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))  # lse = +inf: p = 0
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-            dq = _acc_dot(dq, ds.astype(dtype), k_smem.at[slot], interpreted)
+            dq = acc_dot(dq, ds.astype(dtype), k_smem.at[slot], interpreted)
             plgpu.barrier_arrive(k_free.at[slot])
             return dq
 
@@ -175,28 +145,8 @@ def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
     @pl.when(wg == 1)
     def _produce():
-        @pl.loop(0, count)
-        def _fetch(it):
-            slot = lax.rem(it, jnp.int32(stages))
-            keys = pl.ds(lists_ref[b, mhead, qblk, it] * bs, bs)
-
-            @pl.when(it >= stages)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
-
-            @pl.when(it >= stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(count - stages, 0), count)
-        def _drain(it):
-            slot = lax.rem(it, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        ring_producer(count, stages, lambda it: lists_ref[b, mhead, qblk, it], kv_streams(
+            k_ref, v_ref, b, kv_head, bs, (k_smem, k_ready, k_free), (v_smem, v_ready, v_free)))
 
 
 def _dq_call(plan: BwdPlan, lists, spans, valid, q, k, v, do, lse_t, delta_t, interpret=None):
@@ -240,7 +190,7 @@ def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, l
     dtype = q_ref.dtype
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring), ready, (q_free, do_free) = scoped
     kv_ready, q_ready, lse_ready, delta_ready, do_ready = ready  # one barrier per TMA copy in flight
-    cast, iota = _helpers(interpreted)
+    cast, iota = layout_helpers(interpreted)
 
     kblk = lax.axis_index("k")
     head = lax.axis_index("h")
@@ -267,7 +217,7 @@ def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, l
             dk, dv = carry
             slot = lax.rem(it, jnp.int32(stages))
             plgpu.barrier_wait(q_ready.at[slot])
-            s_t = _dot_nt(k_smem, q_ring.at[slot], interpreted)  # [keys, query rows]
+            s_t = dot_nt(k_smem, q_ring.at[slot], interpreted)  # [keys, query rows]
             if masked:
                 start = tlists_ref[b, mhead, kblk, it] * bs
                 keys = iota((ROWS, bs), 0) + key0
@@ -280,13 +230,13 @@ def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, l
             lse = _vector(lse_ring.at[slot], interpreted, 1)
             p_t = jnp.exp2(s_t * scale2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
             plgpu.barrier_wait(do_ready.at[slot])
-            dv = _acc_dot(dv, p_t.astype(dtype), do_ring.at[slot], interpreted)
-            dp_t = _dot_nt(v_smem, do_ring.at[slot], interpreted)
+            dv = acc_dot(dv, p_t.astype(dtype), do_ring.at[slot], interpreted)
+            dp_t = dot_nt(v_smem, do_ring.at[slot], interpreted)
             plgpu.barrier_arrive(do_free.at[slot])
             plgpu.barrier_wait(delta_ready.at[slot])
             delta = _vector(delta_ring.at[slot], interpreted, 1)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
-            dk = _acc_dot(dk, ds_t.astype(dtype), q_ring.at[slot], interpreted)
+            dk = acc_dot(dk, ds_t.astype(dtype), q_ring.at[slot], interpreted)
             plgpu.barrier_arrive(q_free.at[slot])
             return dk, dv
 
@@ -308,30 +258,17 @@ def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, l
 
     @pl.when(wg == 1)
     def _produce():
-        @pl.loop(0, count)
-        def _fetch(it):
-            slot = lax.rem(it, jnp.int32(stages))
-            rows = pl.ds(tlists_ref[b, mhead, kblk, it] * bs, bs)
+        def rows(blk):
+            return pl.ds(blk * bs, bs)
 
-            @pl.when(it >= stages)
-            def _():
-                plgpu.barrier_wait(q_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_ring.at[slot], q_ready.at[slot])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_ring.at[slot], lse_ready.at[slot])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_ring.at[slot], delta_ready.at[slot])
-
-            @pl.when(it >= stages)
-            def _():
-                plgpu.barrier_wait(do_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_ring.at[slot], do_ready.at[slot])
-
-        @pl.loop(jnp.maximum(count - stages, 0), count)
-        def _drain(it):
-            slot = lax.rem(it, jnp.int32(stages))
-            plgpu.barrier_wait(q_free.at[slot])
-            plgpu.barrier_wait(do_free.at[slot])
+        # Q, its LSE and delta share one release (all read before dK), dO has its own.
+        q_stream = (q_free, [
+            (lambda blk: q_ref.at[b, rows(blk), head], q_ring, q_ready),
+            (lambda blk: lse_ref.at[b, head, rows(blk)], lse_ring, lse_ready),
+            (lambda blk: delta_ref.at[b, head, rows(blk)], delta_ring, delta_ready),
+        ])
+        do_stream = (do_free, [(lambda blk: do_ref.at[b, rows(blk), head], do_ring, do_ready)])
+        ring_producer(count, stages, lambda it: tlists_ref[b, mhead, kblk, it], [q_stream, do_stream])
 
 
 def _dkdv_call(plan: BwdPlan, tlists, tspans, valid, q, k, v, do, lse_t, delta_t, interpret=None):
