@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 
 import jax
 import jax.numpy as jnp
-from seerjax.eval.timing import pipelined_ms
+from seerjax.eval.timing import pipelined_ms, write_json
 
 
 def main(argv=None) -> int:
@@ -82,10 +81,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['T']} | {r['step']} | {r['ms_per_layer']:.3f} | {r['ms_all_layers']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
-                       "args": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.json, args, rows)
     return 0
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from seerjax.eval.timing import median_ms
+from seerjax.eval.timing import median_ms, write_json
 
 
 def random_mask(key, b, h, nq, nk, density):
@@ -151,21 +150,18 @@ def main(argv=None) -> int:
                     rows.append(dict(T=t, kernel=label, density=dens, pass_="bwd", ms=ms_b,
                                      tflops=2.5 * flops / ms_b / 1e9, speedup=ms_dense_bwd / ms_b))
 
-        report(rows, dev, args)  # after each length, so a run cut short keeps what it measured
+        report(rows, args)  # after each length, so a run cut short keeps what it measured
     return 0
 
 
-def report(rows, dev, args) -> None:
+def report(rows, args) -> None:
     print("\n| T | kernel | density | pass | ms | TFLOP/s | speedup vs cuDNN |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         sp = r.get("speedup") or (1 / r["vs_cudnn"] if "vs_cudnn" in r else 1.0)
         print(f"| {r['T']} | {r['kernel']} | {r['density']} | {r['pass_']} | {r['ms']:.3f} | {r['tflops']:.0f} | {sp:.2f}× |")
     sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
-                       "args": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.json, args, rows)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 
 import jax
 import jax.numpy as jnp
-from seerjax.eval.timing import median_ms, pipelined_ms
+from seerjax.eval.timing import median_ms, pipelined_ms, write_json
 
 LLAMA31_8B = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -121,10 +120,7 @@ def main(argv=None) -> int:
         gg = f"{r['gate_ms']:.1f}" if "gate_ms" in r else ""
         pct = f"{100 * r['gate_select_ms'] / r['dense_attention_ms']:.1f}%" if "gate_select_ms" in r else ""
         print(f"| {r['T']} | {r['method']} | {r['density']} | {r['ms']:.1f} | {r['speedup']:.2f}× | {g} | {gg} | {pct} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
-                       "args": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.json, args, rows)
     return 0
 
 

@@ -22,14 +22,7 @@ CAP_TESTS=${CAP_TESTS:-240}
 CAP_BENCH=${CAP_BENCH:-330}
 export SEERJAX_MAX_EXAMPLES=${SEERJAX_MAX_EXAMPLES:-3}
 
-run() {  # name cap command...
-  local name=$1 cap=$2
-  shift 2
-  echo "== $name (cap ${cap}s) $(date -u +%T)"
-  timeout "$cap" "$@" > "$out/$name.log" 2>&1
-  echo "rc=$?" >> "$out/$name.log"
-  tail -n 3 "$out/$name.log"
-}
+source "$(dirname "$0")/round_lib.sh"
 
 for step in "${steps[@]}"; do
   case $step in

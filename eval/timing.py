@@ -32,3 +32,15 @@ def pipelined_ms(fn, *args, warmup: int = 3, reps: int = 50) -> float:
         out = fn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def write_json(path: str | None, args, rows: list) -> None:
+    """A benchmark's rows as JSON with the device, jax version, date and arguments (nothing when path is None)."""
+    if not path:
+        return
+    import datetime
+    import json
+
+    with open(path, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
+                   "args": vars(args), "rows": rows}, f, indent=2)

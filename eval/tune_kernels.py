@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import jax
 import jax.numpy as jnp
 
-from seerjax.eval.timing import median_ms
+from seerjax.eval.timing import median_ms, write_json
 
 HQ, HKV, D, BS = 32, 8, 128, 64
 
@@ -152,10 +151,7 @@ def main(argv=None) -> int:
     if good:
         best = min(good, key=lambda r: r["ms"])
         print(f"best: {best}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
-                       "rows": rows}, f, indent=2)
+    write_json(args.json, args, rows)
     return 0
 
 

@@ -17,14 +17,7 @@ SEQ=${SEQ:-32768}
 LAYERS=${LAYERS:-40}
 bench=(python3 eval/bench_finetune.py --attention seer --densities 0.1)
 
-run() {  # name cap command...
-  local name=$1 cap=$2
-  shift 2
-  echo "== $name (cap ${cap}s) $(date -u +%T)"
-  timeout "$cap" "$@" > "$out/$name.log" 2>&1
-  echo "rc=$?" >> "$out/$name.log"
-  tail -n 4 "$out/$name.log"
-}
+source "$(dirname "$0")/round_lib.sh"
 
 for step in "${steps[@]}"; do
   case $step in

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
-@pytest.mark.parametrize("script", ["study.sh", "study_finetune.sh", "gpu_round.sh", "x2_round.sh"])
+@pytest.mark.parametrize("script", ["study.sh", "study_finetune.sh", "gpu_round.sh", "x2_round.sh", "round_lib.sh"])
 def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "eval" / script)], check=True)
 
