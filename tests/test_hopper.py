@@ -299,26 +299,22 @@ def test_matches_reference_on_gpu(case, seed):
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
+# Launch options on the GPU: two query tiles per compute warpgroup (all of a GQA group in one CTA; 2 warpgroups
+# where the list row has 4 tiles, else 1) and the ping-pong schedule.
+LAUNCH_CASES = [
+    pytest.param(GPU_CASES[i], dict(consumers=2, **opt), id=f"{name}-{'-'.join(map(str, GPU_CASES[i]))}")
+    for name, opt, cases in (("2-tiles-per-wg", dict(tiles_per_wg=2), (2, 4, 7)), ("pingpong", dict(pingpong=True), (0, 2, 7)))
+    for i in cases
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [GPU_CASES[2], GPU_CASES[4], GPU_CASES[7]], ids=lambda c: "-".join(map(str, c)))
-def test_two_tiles_per_warpgroup_on_gpu(case):
-    """The per-KV-head layout with 2 query tiles per compute warpgroup (all of a GQA group in one CTA)."""
+@pytest.mark.parametrize("case,launch", LAUNCH_CASES)
+def test_launch_options_on_gpu(case, launch):
     if not _gpu_available():
         pytest.skip("needs a Hopper GPU")
     sh, q, k, v, mask, lengths = _random_problem(case, seed=11)
-    tiles = (sh.q_heads // mask.shape[1]) * (sh.block_size // hopper.WG_ROWS)
-    consumers = 2 if tiles % 4 == 0 else 1
-    out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths, consumers=consumers, tiles_per_wg=2)
-    _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[2], GPU_CASES[7]], ids=lambda c: "-".join(map(str, c)))
-def test_pingpong_on_gpu(case):
-    if not _gpu_available():
-        pytest.skip("needs a Hopper GPU")
-    sh, q, k, v, mask, lengths = _random_problem(case, seed=13)
-    out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths, consumers=2, pingpong=True)
+    out = hopper.block_sparse_attention_hopper(q, k, v, mask, sh, lengths=lengths, **launch)
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
@@ -369,6 +365,18 @@ POOLED_CASES = [
 ]
 
 
+def _assert_pooled_outputs_match(got, want):
+    """(out, pooled, lse) against the expected ones: the same shapes and infinities (equal where infinite), and
+    the finite values within 2% of each output's largest magnitude."""
+    for name, g, w in zip(("out", "pooled", "lse"), got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape, name
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
+        np.testing.assert_array_equal(g[~finite], w[~finite], err_msg=name)
+        assert np.abs(g[finite] - w[finite]).max() <= 2e-2 * max(np.abs(w[finite]).max(), 1e-6), name
+
+
 @pytest.mark.parametrize("case", POOLED_CASES)
 def test_pooled_matches_reference_in_interpret_mode(case):
     try:
@@ -392,13 +400,7 @@ def test_pooled_matches_reference_in_interpret_mode(case):
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     want = api.attention_with_pooling(f32(q), f32(k), f32(v), causal=causal, block_size=bs, lengths=lengths,
                                       return_lse=True, implementation="reference")
-    for name, g, w in zip(("out", "pooled", "lse"), got, want):
-        w = np.asarray(w, np.float32)
-        assert g.shape == w.shape, name
-        finite = np.isfinite(w)
-        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
-        np.testing.assert_array_equal(g[~finite], w[~finite], err_msg=name)
-        assert np.abs(g[finite] - w[finite]).max() <= 2e-2 * max(np.abs(w[finite]).max(), 1e-6), name
+    _assert_pooled_outputs_match(got, want)
 
 
 def test_pooled_plan_checks():
@@ -432,8 +434,4 @@ def test_pooled_matches_reference_on_gpu(case):
     got = hopper.attention_with_pooling_hopper(q, k, v, sh, lengths=lengths, return_lse=True)
     want = api.attention_with_pooling(q, k, v, causal=causal, block_size=bs, lengths=lengths, return_lse=True,
                                       implementation="pallas")
-    for name, g, w in zip(("out", "pooled", "lse"), got, want):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        finite = np.isfinite(w)
-        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
-        assert np.abs(g[finite] - w[finite]).max() <= 2e-2 * max(np.abs(w[finite]).max(), 1e-6), name
+    _assert_pooled_outputs_match(got, want)
