@@ -304,17 +304,21 @@ def _evaluate_setting(model, attention, options, sequences, retrieval, s: EvalSe
         total += float(nll)
         count += int(n)
         densities.append(np.asarray(dens))
-    correct = 0
+    correct, by_length = 0, {}
     for ids, pos, answer in retrieval:
         _, _, _, pred = nll_and_aux(state, jnp.asarray(ids)[None])
         pred = np.asarray(pred)[0]
-        correct += int(np.all(pred[pos - 1] == answer))
+        ok = int(np.all(pred[pos - 1] == answer))
+        correct += ok
+        hits, n = by_length.get(len(ids), (0, 0))
+        by_length[len(ids)] = (hits + ok, n + 1)
     recall = _recall(model, attention, options, sequences[: s.recall_sequences], block_size)
     return {
         "ppl": float(math.exp(total / count)),
         "achieved_density": float(np.mean(densities)),
         "recall": recall,
         "retrieval": correct / max(len(retrieval), 1),
+        "retrieval_by_length": {str(k): h / n for k, (h, n) in sorted(by_length.items())},
     }
 
 

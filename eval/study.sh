@@ -5,16 +5,17 @@
 #
 #   bash eval/study.sh all OUT          # everything (about 15 minutes on one H100)
 #   bash eval/study.sh train OUT        # pretrain + both distillations (resumable: re-run to continue)
+#   bash eval/study.sh pretrain OUT     # the base model only
 #   bash eval/study.sh distill OUT      # both distillations only, from OUT/base/model
 #   bash eval/study.sh eval OUT         # both evaluations, from OUT/base/model and OUT/gates_{query,kv}
 #
 # Sizes come from the environment (defaults: the study recipe on one H100); the CPU test runs it tiny.
 set -euo pipefail
-stage=${1:?usage: study.sh all|train|distill|eval OUT}
-out=${2:?usage: study.sh all|train|distill|eval OUT}
+stage=${1:?usage: study.sh all|train|pretrain|distill|eval OUT}
+out=${2:?usage: study.sh all|train|pretrain|distill|eval OUT}
 PRESET=${PRESET:-small}
 SEQ=${SEQ:-8192}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-4000}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-5400}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
 PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
@@ -32,7 +33,7 @@ SELECT=${SELECT:-}  # selection options of the evaluation, e.g. "--keep-first --
 SJ=${SEERJAX:-seerjax}
 MODEL=${MODEL:-$out/base/model}  # the base model distill and eval use (e.g. a carried bf16 copy)
 
-if [[ $stage == all || $stage == train ]]; then
+if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
   echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
   $SJ pretrain --out "$out/base" --preset "$PRESET" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" \
     --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" --retrieval-docs "$RETRIEVAL_DOCS" --save-every 200 --no-progress \

@@ -37,6 +37,7 @@ def test_distill_then_eval_every_method(tmp_path):
     for r in records:
         assert set(r) >= {"method", "density", "achieved_density", "ppl", "recall", "retrieval"}
         assert np.isfinite(r["ppl"]) and 0 <= r["recall"] <= 1 + 1e-6 and 0 <= r["retrieval"] <= 1
+        assert list(r["retrieval_by_length"]) == ["256"] and r["retrieval_by_length"]["256"] == r["retrieval"]
     dense = next(r for r in records if r["method"] == "dense")
     for r in records:
         if r["density"] == 1.0:

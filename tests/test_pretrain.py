@@ -69,3 +69,22 @@ def test_bad_pretrain_settings():
         PretrainSettings(out="x", preset="huge")
     with pytest.raises(PretrainError, match="steps"):
         PretrainSettings(out="x", steps=0)
+
+
+def test_a_prepared_corpus_travels_through_seerjax_corpus(tmp_path, monkeypatch):
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    for i in range(40):
+        (root / "pkg" / f"m{i}.py").write_text(f"# module {i}\n" + "x = 1\n" * 100)
+    monkeypatch.setattr(corpus, "stdlib_root", lambda: str(root))
+    prepared = tmp_path / "prepared"
+    dd = corpus.build(str(prepared))
+    assert len(dd["train"]) + len(dd["heldout"]) == 40
+    # Another machine (here: another stdlib) loads the prepared corpus, not its own library.
+    monkeypatch.setattr(corpus, "stdlib_root", lambda: str(tmp_path / "nowhere"))
+    monkeypatch.setenv("SEERJAX_CORPUS", str(prepared))
+    assert corpus.load_embedded("train")["path"] == dd["train"]["path"]
+    assert len(corpus.load_embedded("all")) == 40
+    monkeypatch.setenv("SEERJAX_CORPUS", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="SEERJAX_CORPUS=.*missing.*manifest.json"):
+        corpus.load_embedded("train")

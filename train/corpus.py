@@ -11,6 +11,9 @@ Mixed in for pretraining: synthetic retrieval documents (passkey and key–value
 corpus text, so the base model learns long-range retrieval and the retrieval test means something.
 
 The prepared corpus is cached with `datasets` (`save_to_disk`) under `~/.cache/seerjax/corpus-<tag>`.
+A corpus prepared on one machine travels to another as a directory: `python -m seerjax.train.corpus DIR`
+writes it, and `SEERJAX_CORPUS=DIR` makes every command there use it instead of its own interpreter's
+library (the GPU image's Python 3.12 library is smaller: 543 files).
 """
 
 from __future__ import annotations
@@ -53,10 +56,26 @@ def _cache_dir() -> str:
     return os.path.join(base, f"corpus-stdlib-{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def build(cache_dir: str | None = None):
-    """Reads the corpus into a `datasets.DatasetDict` with splits `train` and `heldout` (columns path, text)."""
+def load_prepared(path: str):
+    """A corpus written by `build(path)` (or `python -m seerjax.train.corpus DIR`) on any machine."""
     import datasets
 
+    if not (os.path.isfile(os.path.join(path, "manifest.json")) and os.path.isdir(os.path.join(path, "data"))):
+        raise ValueError(
+            f"SEERJAX_CORPUS={path!r} is not a prepared corpus: expected manifest.json and data/ in it, as "
+            "written by `python -m seerjax.train.corpus DIR`"
+        )
+    return datasets.load_from_disk(os.path.join(path, "data"))
+
+
+def build(cache_dir: str | None = None):
+    """Reads the corpus into a `datasets.DatasetDict` with splits `train` and `heldout` (columns path, text).
+
+    With no `cache_dir` and `SEERJAX_CORPUS` set, the prepared corpus there is loaded instead."""
+    import datasets
+
+    if cache_dir is None and os.environ.get("SEERJAX_CORPUS"):
+        return load_prepared(os.environ["SEERJAX_CORPUS"])
     cache_dir = cache_dir or _cache_dir()
     manifest_path = os.path.join(cache_dir, "manifest.json")
     root = stdlib_root()
@@ -175,3 +194,14 @@ def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0) -> list[st
     for i, length in enumerate(lengths):
         out += retrieval_documents(1, sample, int(length), seed=seed * 100003 + i, first_kind=i)
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the embedded corpus of this interpreter to DIR (for SEERJAX_CORPUS).")
+    parser.add_argument("out", help="directory to write (data/ and manifest.json)")
+    out_dir = parser.parse_args().out
+    build(out_dir)
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        print(f.read())
