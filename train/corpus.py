@@ -185,11 +185,11 @@ def retrieval_documents(n: int, texts: list[str], length_chars: int, seed: int =
 
 
 def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0) -> list[str]:
-    """n synthetic documents (passkey, key–value, copy, in turn) of 1/8 to 0.9 of `max_chars` characters,
+    """n synthetic documents (passkey, key–value, copy, in turn) of 1/8 to all of `max_chars` characters,
     haystacks cut from the first 2000 documents of `texts` (a dataset or list of dicts with `text`)."""
     sample = [texts[i]["text"] for i in range(min(len(texts), 2000))]
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(max(max_chars // 8, 64), max(int(max_chars * 0.9), 65), size=n)
+    lengths = rng.integers(max(max_chars // 8, 64), max(max_chars, 64) + 1, size=n)
     out = []
     for i, length in enumerate(lengths):
         out += retrieval_documents(1, sample, int(length), seed=seed * 100003 + i, first_kind=i)

@@ -160,20 +160,36 @@ def tokenize_documents(texts_ds, tokenizer, *, num_proc: int | None = None) -> l
 
 @dataclasses.dataclass
 class PackedSequences:
-    """Documents packed into `seq_len`-token sequences; epoch e uses document order permuted by (seed, e)."""
+    """Documents packed into `seq_len`-token sequences; epoch e uses document order permuted by (seed, e).
+
+    `docs` form one EOS-separated stream cut every `seq_len` tokens, so a document may span two sequences.
+    Each of the `whole` documents (shorter than `seq_len`) starts a sequence of its own and is never cut;
+    the rest of that sequence comes from the stream. Synthetic retrieval documents go there: a passkey
+    split across two sequences teaches nothing about retrieving over its full distance.
+    """
 
     docs: list[np.ndarray]
     seq_len: int
     eos_id: int
     seed: int = 0
+    whole: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.seq_len < 1:
             raise DataError(f"seq_len must be positive, got {self.seq_len}")
         if not self.docs:
             raise DataError("no documents to pack (empty data)")
+        for i, d in enumerate(self.whole):
+            if not 0 < len(d) < self.seq_len:
+                raise DataError(f"whole document {i} has {len(d)} tokens; whole documents must be 1 to seq_len-1={self.seq_len - 1}")
         total = sum(len(d) + 1 for d in self.docs)
-        self.per_epoch = total // self.seq_len
+        fill = sum(self.seq_len - len(d) - 1 for d in self.whole)  # stream tokens the whole rows take
+        if fill > total:
+            raise DataError(
+                f"the {len(self.whole)} whole documents need {fill} stream tokens to fill their sequences, "
+                f"but the other documents hold only {total}"
+            )
+        self.per_epoch = len(self.whole) + (total - fill) // self.seq_len
         if self.per_epoch == 0:
             raise DataError(
                 f"the data holds {total} tokens (with EOS separators), fewer than one sequence of seq_len={self.seq_len}"
@@ -182,10 +198,22 @@ class PackedSequences:
 
     def _epoch_stream(self, epoch: int) -> np.ndarray:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.docs))
             eos = np.asarray([self.eos_id], np.int32)
             stream = np.concatenate([piece for i in order for piece in (self.docs[i], eos)])
-            self._epoch_cache = (epoch, stream[: self.per_epoch * self.seq_len].reshape(self.per_epoch, self.seq_len))
+            rows, at = [], 0
+            if self.whole:
+                for i in rng.permutation(len(self.whole)):
+                    n = self.seq_len - len(self.whole[i]) - 1
+                    rows.append(np.concatenate([self.whole[i], eos, stream[at : at + n]]).astype(np.int32))
+                    at += n
+            plain = (self.per_epoch - len(rows)) * self.seq_len
+            rows += list(stream[at : at + plain].reshape(-1, self.seq_len))
+            rows = np.stack(rows)
+            if self.whole:  # whole-document rows spread over the epoch, not all at its start
+                rows = rows[rng.permutation(len(rows))]
+            self._epoch_cache = (epoch, rows)
         return self._epoch_cache[1]
 
     def sequence(self, index: int) -> np.ndarray:
@@ -212,20 +240,29 @@ def split_documents(docs: list[np.ndarray], heldout_fraction: float, seed: int =
 
 def packed_from_source(source: str, tokenizer, seq_len: int, seed: int = 0, retrieval_docs: int = 0) -> PackedSequences:
     """The whole pipeline: SOURCE → documents → tokens → packed sequences; `retrieval_docs` synthetic
-    passkey / key–value / copy documents (haystacks from SOURCE, up to 0.9·seq_len tokens) mixed in."""
+    passkey / key–value / copy documents (haystacks from SOURCE, up to seq_len-1 tokens, each kept whole in
+    a sequence of its own) mixed in."""
     texts = load_texts(source)
     docs = tokenize_documents(texts, tokenizer)
+    whole = []
     if retrieval_docs:
         # Characters per token of this tokenizer on the data, so synthetic documents fit seq_len tokens.
         chars = sum(len(texts[i]["text"]) for i in range(min(len(texts), 50)))
         tokens = sum(len(d) for d in docs[:50])
-        max_chars = int(seq_len * max(chars / max(tokens, 1), 1.0))
-        docs += synthetic_token_documents(texts, tokenizer, retrieval_docs, max_chars, seed=seed)
-    return PackedSequences(docs, seq_len, _eos_id(tokenizer), seed)
+        max_chars = int((seq_len - 1) * max(chars / max(tokens, 1), 1.0))
+        docs, whole = split_whole(docs, synthetic_token_documents(texts, tokenizer, retrieval_docs, max_chars, seed=seed), seq_len)
+    return PackedSequences(docs, seq_len, _eos_id(tokenizer), seed, whole=whole)
+
+
+def split_whole(docs: list[np.ndarray], synthetic: list[np.ndarray], seq_len: int):
+    """(stream documents, whole documents): synthetic documents that fit a sequence are kept whole; any
+    longer one (a tokenizer that packs fewer characters per token than estimated) joins the stream."""
+    fits = [d for d in synthetic if 0 < len(d) < seq_len]
+    return docs + [d for d in synthetic if not 0 < len(d) < seq_len], fits
 
 
 def synthetic_token_documents(texts_ds, tokenizer, n: int, max_chars: int, seed: int = 0) -> list[np.ndarray]:
-    """n synthetic passkey / key–value / copy documents of up to 0.9·max_chars characters, haystacks cut
+    """n synthetic passkey / key–value / copy documents of up to max_chars characters, haystacks cut
     from `texts_ds`, tokenized like the data (`seerjax.train.corpus.synthetic_documents`)."""
     from seerjax.train.corpus import synthetic_documents
 

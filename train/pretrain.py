@@ -76,16 +76,17 @@ def model_config(s: PretrainSettings) -> ModelConfig:
     )
 
 
-def training_documents(s: PretrainSettings) -> list[np.ndarray]:
-    """Tokenized corpus train split plus synthetic retrieval documents, as byte arrays."""
-    from seerjax.train.data import ByteTokenizer, load_texts, synthetic_token_documents, tokenize_documents
+def training_documents(s: PretrainSettings) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(corpus train split, synthetic retrieval documents kept whole), tokenized as byte arrays."""
+    from seerjax.train.data import ByteTokenizer, load_texts, split_whole, synthetic_token_documents, tokenize_documents
 
     texts = load_texts(s.data)
     tokenizer = ByteTokenizer()
     docs = tokenize_documents(texts, tokenizer)
-    if s.retrieval_docs:
-        docs += synthetic_token_documents(texts, tokenizer, s.retrieval_docs, s.seq_len, seed=s.seed)
-    return docs
+    if not s.retrieval_docs:
+        return docs, []
+    # Sequences hold seq_len + 1 tokens (inputs and targets): a document of up to seq_len bytes fits whole.
+    return split_whole(docs, synthetic_token_documents(texts, tokenizer, s.retrieval_docs, s.seq_len, seed=s.seed), s.seq_len + 1)
 
 
 def lm_loss(model, tokens_bt, attention):
@@ -100,8 +101,11 @@ def default_attention(dtype) -> str:
     return "reference"
 
 
-def pretrain(s: PretrainSettings, *, docs=None) -> dict:
-    """Trains (or resumes) the base model; exports it to `OUT/model`. Returns a summary dict."""
+def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
+    """Trains (or resumes) the base model; exports it to `OUT/model`. Returns a summary dict.
+
+    `docs` (stream documents) and `whole` (documents each kept whole in one sequence) replace the
+    training documents of `s` when given."""
     import orbax.checkpoint as ocp
 
     from seerjax.hf import save_pretrained
@@ -112,8 +116,9 @@ def pretrain(s: PretrainSettings, *, docs=None) -> dict:
     cfg = model_config(s)
     attention = s.attention or default_attention(s.dtype)
     model = LlamaModel(cfg, dtype=s.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(s.seed))
-    docs = training_documents(s) if docs is None else docs
-    data = PackedSequences(docs, s.seq_len + 1, ByteTokenizer.eos_token_id, seed=s.seed)
+    if docs is None:
+        docs, whole = training_documents(s)
+    data = PackedSequences(docs, s.seq_len + 1, ByteTokenizer.eos_token_id, seed=s.seed, whole=list(whole or []))
     schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, min(s.warmup, s.steps - 1), s.steps, end_value=s.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.1))
     graphdef, params = nnx.split(model, nnx.Param)

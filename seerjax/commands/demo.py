@@ -28,7 +28,7 @@ SCALES = {
     ),
     # The study's recipe (eval/study.sh, docs/results.md): about 6 minutes of pretraining on one H100.
     "gpu": dict(
-        preset="small", seq_len=8192, pretrain_steps=4000, pretrain_batch=8, pretrain_lr=2e-3, retrieval_docs=12000,
+        preset="small", seq_len=8192, pretrain_steps=5400, pretrain_batch=8, pretrain_lr=2e-3, retrieval_docs=12000,
         distill_steps=2000, distill_batch=1, distill_lr=1e-3, distill_retrieval_docs=2000, block_size=64,
         d_gate=64, eval_sequences=16, retrieval_samples=4,
     ),
