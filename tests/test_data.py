@@ -95,39 +95,32 @@ def test_byte_tokenizer_model_dir(tmp_path):
     assert tok.decode(tok.encode("héllo")) == "héllo"
 
 
-def test_whole_documents_start_a_sequence_and_are_never_cut():
+def test_whole_documents_are_never_cut():
     rng = np.random.default_rng(0)
     stream = [rng.integers(0, 200, size=int(n)).astype(np.int32) for n in rng.integers(5, 80, size=40)]
-    # Whole documents are marked by values no stream document has (1000 + i), each 10..31 tokens.
-    whole = [np.full(int(n), 1000 + i, np.int32) for i, n in enumerate(rng.integers(10, 32, size=12))]
+    # Whole documents are marked by values no stream document has (1000 + i), each 4..20 tokens.
+    whole = [np.full(int(n), 1000 + i, np.int32) for i, n in enumerate(rng.integers(4, 21, size=12))]
     p = PackedSequences(stream, 32, 256, seed=1, whole=whole)
     total = sum(len(d) + 1 for d in stream)
-    assert p.per_epoch == 12 + (total - sum(32 - len(w) - 1 for w in whole)) // 32
+    groups = len(p._groups)
+    assert groups < 12  # short whole documents share sequences
+    fill = groups * 32 - sum(len(w) + 1 for w in whole)
+    assert p.per_epoch == groups + (total - fill) // 32
     for epoch in range(2):
         rows = np.stack([p.sequence(epoch * p.per_epoch + i) for i in range(p.per_epoch)])
-        seen = set()
+        seen = []
         for row in rows:
-            marked = row[row >= 1000]
-            if marked.size:  # a whole document: at the start of its row, complete, then EOS
-                i = int(marked[0]) - 1000
-                assert np.all(marked == 1000 + i) and i not in seen
-                seen.add(i)
-                assert np.array_equal(row[: len(whole[i])], whole[i]) and row[len(whole[i])] == 256
-        assert seen == set(range(12))
-        # The stream fills exactly the rest of the epoch's rows.
-        stream_tokens = np.concatenate([r[len(whole[int(r[0]) - 1000]) + 1 :] if r[0] >= 1000 else r for r in rows])
-        assert stream_tokens.size == p.per_epoch * 32 - sum(len(w) + 1 for w in whole)
+            at = 0
+            while row[at] >= 1000:  # whole documents first in their row, each complete and followed by EOS
+                i = int(row[at]) - 1000
+                assert np.array_equal(row[at : at + len(whole[i])], whole[i]) and row[at + len(whole[i])] == 256
+                seen.append(i)
+                at += len(whole[i]) + 1
+            assert not np.any(row[at:] >= 1000)  # and nowhere else
+        assert sorted(seen) == list(range(12))
     assert not np.array_equal(p.sequence(0), p.sequence(p.per_epoch))  # epochs are reshuffled
     with pytest.raises(DataError, match="whole document 0 has 32 tokens"):
         PackedSequences(stream, 32, 256, whole=[np.zeros(32, np.int32)])
     with pytest.raises(DataError, match="need .* stream tokens"):
-        PackedSequences(stream[:1], 32, 256, whole=whole)
+        PackedSequences(stream[:1], 32, 256, whole=[np.zeros(20, np.int32)] * 12)
 
-
-def test_synthetic_retrieval_documents_are_kept_whole(tmp_path):
-    text = tmp_path / "t.txt"
-    text.write_text("Some ordinary prose about nothing in particular. " * 400)
-    p = packed_from_source(str(text), ByteTokenizer(), 256, seed=0, retrieval_docs=6)
-    assert len(p.whole) == 6 and all(len(w) < 256 for w in p.whole)
-    rows = {bytes(p.sequence(i)[: len(w)].astype(np.uint8)) for i in range(p.per_epoch) for w in p.whole}
-    assert all(bytes(w.astype(np.uint8)) in rows for w in p.whole)

@@ -213,13 +213,15 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 
 
 def test_retrieval_documents_are_mixed_into_the_gate_data(tmp_path):
-    """`--retrieval-docs N` adds N synthetic documents, each ending up inside the packed stream."""
+    """`--retrieval-docs N` adds N synthetic documents, each packed whole into the sequences."""
     from seerjax.train.data import ByteTokenizer, packed_from_source
 
     text = tmp_path / "doc.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 400)
     plain = packed_from_source(str(text), ByteTokenizer(), 256, seed=0)
     mixed = packed_from_source(str(text), ByteTokenizer(), 256, seed=0, retrieval_docs=6)
-    assert len(mixed.docs) == len(plain.docs) + 6
-    stream = b"".join(bytes(d.astype("uint8")) for d in mixed.docs[len(plain.docs):])
-    assert b"The pass key is" in stream and b"The value of key" in stream
+    assert len(mixed.docs) == len(plain.docs) and len(mixed.whole) == 6
+    synthetic = b"".join(bytes(d.astype("uint8")) for d in mixed.whole)
+    assert b"The pass key is" in synthetic and b"The value of key" in synthetic
+    packed = b"".join(bytes(mixed.sequence(i).astype("uint8")) for i in range(mixed.per_epoch))
+    assert all(bytes(w.astype("uint8")) in packed for w in mixed.whole)

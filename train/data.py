@@ -163,9 +163,10 @@ class PackedSequences:
     """Documents packed into `seq_len`-token sequences; epoch e uses document order permuted by (seed, e).
 
     `docs` form one EOS-separated stream cut every `seq_len` tokens, so a document may span two sequences.
-    Each of the `whole` documents (shorter than `seq_len`) starts a sequence of its own and is never cut;
-    the rest of that sequence comes from the stream. Synthetic retrieval documents go there: a passkey
-    split across two sequences teaches nothing about retrieving over its full distance.
+    The `whole` documents (each shorter than `seq_len`) are never cut: they are packed, EOS-separated,
+    into sequences of their own (first fit in a fixed seeded order), whose remaining tokens come from the
+    stream. Synthetic retrieval documents go there: a passkey split across two sequences teaches nothing
+    about retrieving over its full distance.
     """
 
     docs: list[np.ndarray]
@@ -183,13 +184,22 @@ class PackedSequences:
             if not 0 < len(d) < self.seq_len:
                 raise DataError(f"whole document {i} has {len(d)} tokens; whole documents must be 1 to seq_len-1={self.seq_len - 1}")
         total = sum(len(d) + 1 for d in self.docs)
-        fill = sum(self.seq_len - len(d) - 1 for d in self.whole)  # stream tokens the whole rows take
+        self._groups, used = [], []  # whole documents per sequence, and the tokens they fill
+        for i in np.random.default_rng([self.seed, 104729]).permutation(len(self.whole)):
+            n = len(self.whole[i]) + 1
+            if self._groups and used[-1] + n <= self.seq_len:
+                self._groups[-1].append(int(i))
+                used[-1] += n
+            else:
+                self._groups.append([int(i)])
+                used.append(n)
+        fill = sum(self.seq_len - u for u in used)  # stream tokens the whole documents' sequences take
         if fill > total:
             raise DataError(
                 f"the {len(self.whole)} whole documents need {fill} stream tokens to fill their sequences, "
                 f"but the other documents hold only {total}"
             )
-        self.per_epoch = len(self.whole) + (total - fill) // self.seq_len
+        self.per_epoch = len(self._groups) + (total - fill) // self.seq_len
         if self.per_epoch == 0:
             raise DataError(
                 f"the data holds {total} tokens (with EOS separators), fewer than one sequence of seq_len={self.seq_len}"
@@ -203,11 +213,11 @@ class PackedSequences:
             eos = np.asarray([self.eos_id], np.int32)
             stream = np.concatenate([piece for i in order for piece in (self.docs[i], eos)])
             rows, at = [], 0
-            if self.whole:
-                for i in rng.permutation(len(self.whole)):
-                    n = self.seq_len - len(self.whole[i]) - 1
-                    rows.append(np.concatenate([self.whole[i], eos, stream[at : at + n]]).astype(np.int32))
-                    at += n
+            for group in self._groups:
+                head = [piece for i in group for piece in (self.whole[i], eos)]
+                n = self.seq_len - sum(len(x) for x in head)
+                rows.append(np.concatenate([*head, stream[at : at + n]]).astype(np.int32))
+                at += n
             plain = (self.per_epoch - len(rows)) * self.seq_len
             rows += list(stream[at : at + plain].reshape(-1, self.seq_len))
             rows = np.stack(rows)
