@@ -373,6 +373,30 @@ def write_results(out: str, records: list[dict]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def merge_results(out: str, parts: list[str]) -> list[dict]:
+    """One grid from evaluations run side by side (each `seerjax eval --out PART` on some of the methods):
+    their records in order, dense once (every part measures it; the copies must agree), then
+    OUT/results.{json,md} and the PPL plot."""
+    records, dense = [], None
+    for part in parts:
+        with open(os.path.join(part, "results.json")) as f:
+            for r in json.load(f):
+                if r["method"] != "dense":
+                    records.append(r)
+                elif dense is None:
+                    dense = r
+                elif abs(r["ppl"] - dense["ppl"]) > 1e-3 * dense["ppl"]:
+                    raise EvalError(f"dense PPL differs between parts: {dense['ppl']} and {r['ppl']} ({part})")
+    records = ([dense] if dense else []) + records
+    os.makedirs(out, exist_ok=True)
+    write_results(out, records)
+    try:
+        plot_results(out, records)
+    except ImportError:
+        pass
+    return records
+
+
 def plot_results(out: str, records: list[dict]) -> None:
     import matplotlib
 
@@ -430,3 +454,14 @@ def plot_gate_map(out: str, model, ids, s: EvalSettings, block_size: int) -> Non
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gate_vs_truth.png"), dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge evaluations run side by side into one grid.")
+    parser.add_argument("command", choices=["merge"])
+    parser.add_argument("out", help="directory for the merged results.json, results.md and plot")
+    parser.add_argument("parts", nargs="+", help="the parts' output directories")
+    args = parser.parse_args()
+    print(open(os.path.join(args.out, "results.md")).read() if merge_results(args.out, args.parts) else "no records")

@@ -31,6 +31,7 @@ DENSITIES=${DENSITIES:-0.5,0.25,0.1}
 EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
 SELECT=${SELECT:-}  # selection options of the evaluation, e.g. "--keep-first --dense-last-rows 1"
 SJ=${SEERJAX:-seerjax}
+PARALLEL=${PARALLEL:-0}  # 1: the two distillations, and the evaluation's methods, run side by side (one GPU)
 MODEL=${MODEL:-$out/base/model}  # the base model distill and eval use (e.g. a carried bf16 copy)
 
 if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
@@ -40,26 +41,50 @@ if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
     $(echo "$EXTRA" | sed 's/--implementation [^ ]*//')
   tail -n 1 "$out/base/metrics.jsonl"
 fi
+if [[ $PARALLEL == 1 ]]; then
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the processes share the GPU
+fi
+side() {  # runs "$@" in the background when PARALLEL=1 (then `wait` collects it), else in the foreground
+  if [[ $PARALLEL == 1 ]]; then "$@" & else "$@"; fi
+}
 if [[ $stage == all || $stage == train || $stage == distill ]]; then
-  for heads in query kv; do
+  distill() {
+    local heads=$1
     echo "== distill ($heads-head gates, $DISTILL_STEPS steps) $(date -u +%T)"
     $SJ distill --model "$MODEL" --data embedded:train --seq-len "$SEQ" --steps "$DISTILL_STEPS" \
       --out "$out/gates_$heads" --gate-heads "$heads" --block-size "$BLOCK" --d-gate "$D_GATE" --lr "$DISTILL_LR" \
       --warmup $((DISTILL_STEPS / 10 + 1)) --save-every "$DISTILL_STEPS" --retrieval-docs "$DISTILL_RETRIEVAL_DOCS" \
       --no-progress $EXTRA
-    tail -n 1 "$out/gates_$heads/metrics.jsonl"
-  done
+    echo "$heads: $(tail -n 1 "$out/gates_$heads/metrics.jsonl")"
+  }
+  side distill query
+  side distill kv
+  wait
 fi
 if [[ $stage == all || $stage == eval ]]; then
   common=(--model "$MODEL" --data embedded:heldout --seq-len "$SEQ" --densities "$DENSITIES"
           --num-sequences "$EVAL_SEQS" --retrieval-lengths "$RETRIEVAL_LENGTHS" --retrieval-samples "$RETRIEVAL_SAMPLES"
           --no-progress $SELECT $EXTRA)
-  echo "== eval: query-head gates (and oracle, baselines unless QUERY_METHODS says otherwise) $(date -u +%T)"
-  $SJ eval "${common[@]}" --gates "$out/gates_query" --methods "${QUERY_METHODS:-seer,oracle,streaming,vertical_slash,quest,moba}" \
-    --out "$out/eval_query"
-  cat "$out/eval_query/results.md"
-  echo "== eval: KV-head gates $(date -u +%T)"
+  methods=${QUERY_METHODS:-seer,oracle,streaming,vertical_slash,quest,moba}
+  echo "== eval: query-head gates (and $methods) and KV-head gates $(date -u +%T)"
+  if [[ $PARALLEL == 1 ]]; then  # the methods two by two in processes side by side, then one merged grid
+    parts=()
+    IFS=, read -ra list <<< "$methods"
+    for ((i = 0; i < ${#list[@]}; i += 2)); do
+      part="$out/eval_query_part$((i / 2))"
+      parts+=("$part")
+      $SJ eval "${common[@]}" --gates "$out/gates_query" --methods "$(IFS=,; echo "${list[*]:i:2}")" --out "$part" \
+        > "$part.log" 2>&1 &
+    done
+  else
+    $SJ eval "${common[@]}" --gates "$out/gates_query" --methods "$methods" --out "$out/eval_query"
+  fi
   $SJ eval "${common[@]}" --gates "$out/gates_kv" --methods seer --out "$out/eval_kv"
-  cat "$out/eval_kv/results.md"
+  wait
+  if [[ $PARALLEL == 1 ]]; then
+    tail -n 2 "${parts[@]/%/.log}"
+    python3 -m seerjax.eval.harness merge "$out/eval_query" "${parts[@]}" > /dev/null
+  fi
+  cat "$out/eval_query/results.md" "$out/eval_kv/results.md"
 fi
 echo "== done $(date -u +%T)"

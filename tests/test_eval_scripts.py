@@ -43,3 +43,26 @@ def test_bench_gate_runs_on_cpu(tmp_path):
     steps = {r["step"] for r in rows}
     assert {"pool q (avg)", "gate, bf16 scores", "select_blocks (premasked)", "gate + select + lists"} <= steps
     assert all(r["ms_per_layer"] > 0 for r in rows)
+
+
+def test_merge_results_keeps_dense_once_and_rejects_disagreeing_parts(tmp_path):
+    from seerjax.eval.harness import EvalError, merge_results
+
+    def record(method, density, ppl):
+        return {"method": method, "density": density, "threshold": None, "achieved_density": density,
+                "ppl": ppl, "recall": 1.0, "retrieval": 1.0}
+
+    parts = []
+    for i, methods in enumerate([("seer", "oracle"), ("moba",)]):
+        part = tmp_path / f"part{i}"
+        part.mkdir()
+        recs = [record("dense", 1.0, 2.0)] + [record(m, 0.1, 2.1 + i) for m in methods]
+        (part / "results.json").write_text(json.dumps(recs))
+        parts.append(str(part))
+    merged = merge_results(str(tmp_path / "all"), parts)
+    assert [r["method"] for r in merged] == ["dense", "seer", "oracle", "moba"]
+    assert json.loads((tmp_path / "all" / "results.json").read_text()) == merged
+    assert "| moba | 0.1 |" in (tmp_path / "all" / "results.md").read_text()
+    (pathlib.Path(parts[1]) / "results.json").write_text(json.dumps([record("dense", 1.0, 2.5)]))
+    with pytest.raises(EvalError, match="dense PPL differs"):
+        merge_results(str(tmp_path / "bad"), parts)
