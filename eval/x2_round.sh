@@ -7,6 +7,7 @@
 #            (CUDA_VISIBLE_DEVICES=0) and with --mesh fsdp=2 over both, SEQ tokens per device (default 32768)
 #   large    a model whose float32 training state (16 bytes per parameter) is more than one H200's memory:
 #            Llama-3.1-8B shape with LAYERS layers (default 40: 9.84B parameters, 157 GB), --mesh fsdp=2
+# Caps (s) from the environment: CAP_SCALING (each scaling run, default 200), CAP_LARGE (default 420).
 set -uo pipefail
 out=${1:?usage: x2_round.sh OUT [scaling] [large]}
 shift
@@ -15,6 +16,8 @@ steps=("$@")
 mkdir -p "$out"
 SEQ=${SEQ:-32768}
 LAYERS=${LAYERS:-40}
+CAP_SCALING=${CAP_SCALING:-200}  # seconds per scaling run
+CAP_LARGE=${CAP_LARGE:-420}
 bench=(python3 eval/bench_finetune.py --attention seer --densities 0.1)
 
 source "$(dirname "$0")/round_lib.sh"
@@ -22,9 +25,9 @@ source "$(dirname "$0")/round_lib.sh"
 for step in "${steps[@]}"; do
   case $step in
     scaling)
-      CUDA_VISIBLE_DEVICES=0 run ft_1gpu 200 "${bench[@]}" --preset llama-1b --seq-len "$SEQ" --steps 4 \
+      CUDA_VISIBLE_DEVICES=0 run ft_1gpu "$CAP_SCALING" "${bench[@]}" --preset llama-1b --seq-len "$SEQ" --steps 4 \
         --json "$out/ft_1gpu.json"
-      run ft_fsdp2 200 "${bench[@]}" --preset llama-1b --seq-len "$SEQ" --steps 4 --mesh fsdp=2 \
+      run ft_fsdp2 "$CAP_SCALING" "${bench[@]}" --preset llama-1b --seq-len "$SEQ" --steps 4 --mesh fsdp=2 \
         --json "$out/ft_fsdp2.json"
       python3 - "$out" <<'EOF'
 import json, sys
@@ -33,7 +36,7 @@ print(f"fsdp=2 over one GPU: {two / one:.2f}x ({two:,.0f} against {one:,.0f} tok
 EOF
       ;;
     large)
-      run ft_large 420 "${bench[@]}" --preset llama-8b --layers "$LAYERS" --seq-len 8192 --steps 2 --mesh fsdp=2 \
+      run ft_large "$CAP_LARGE" "${bench[@]}" --preset llama-8b --layers "$LAYERS" --seq-len 8192 --steps 2 --mesh fsdp=2 \
         --json "$out/ft_large.json"
       ;;
     *) echo "unknown step $step (scaling, large)" >&2; exit 2 ;;

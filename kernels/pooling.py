@@ -111,7 +111,10 @@ def default_tiling(shape: AttentionShape, dtype) -> Tiling:
         block_q = max(block_k, 128)
     num_warps = 8 if block_q * shape.head_dim >= 128 * 128 else 4
     num_stages = 3 if 2 * block_k * shape.head_dim * itemsize <= 32 * 1024 else 2
-    return Tiling(block_q, block_k, num_warps, num_stages)
+    tiling = Tiling(block_q, block_k, num_warps, num_stages)
+    while tiling.num_stages > 1 and shared_memory_bytes(tiling, shape.head_dim, dtype) > gpu_shared_memory_limit():
+        tiling = dataclasses.replace(tiling, num_stages=tiling.num_stages - 1)
+    return tiling
 
 
 def _check_tiling(tiling: Tiling, shape: AttentionShape) -> None:
@@ -130,6 +133,37 @@ def _check_tiling(tiling: Tiling, shape: AttentionShape) -> None:
         raise KernelInputError(
             f"tiling must have power-of-2 block_q in [16, 256], block_k in [16, block_size={bs}], "
             f"num_warps in [1, 16] and num_stages >= 1; got {tiling}"
+        )
+
+
+def shared_memory_bytes(tiling: Tiling, head_dim: int, dtype) -> int:
+    """What Triton's software pipeline holds in shared memory for the kernel: `num_stages` buffers of
+    one K and one V tile (the H100 measured 262,656 bytes requested for 128 x 128 float32 tiles, D 128,
+    2 stages: these 262,144 and a little)."""
+    return tiling.num_stages * 2 * tiling.block_k * head_dim * jnp.dtype(dtype).itemsize
+
+
+def gpu_shared_memory_limit() -> int:
+    """Shared memory per block on this GPU, by compute capability (opt-in maximum)."""
+    try:
+        cc = str(getattr(jax.devices()[0], "compute_capability", "9.0"))
+    except RuntimeError:
+        cc = "9.0"
+    major, minor = (int(x) for x in (cc.split(".") + ["0"])[:2])
+    if major >= 9:
+        return 232448  # 227 KiB: H100 / H200
+    if (major, minor) in ((8, 0), (8, 7)):
+        return 166912  # 163 KiB: A100
+    return 101376  # 99 KiB: other Ampere / Ada
+
+
+def _check_shared_memory(tiling: Tiling, shape: AttentionShape, dtype) -> None:
+    need, limit = shared_memory_bytes(tiling, shape.head_dim, dtype), gpu_shared_memory_limit()
+    if need > limit:
+        raise KernelInputError(
+            f"tiling {tiling} needs about {need:,} bytes of shared memory for head_dim={shape.head_dim} "
+            f"{jnp.dtype(dtype).name} inputs (num_stages x K and V tiles), more than this GPU's {limit:,}: "
+            "use a smaller block_k or fewer num_stages"
         )
 
 
@@ -507,6 +541,8 @@ def attention_with_pooling_pallas(
     if tiling is None:
         tiling = default_tiling(shape, q.dtype)
     _check_tiling(tiling, shape)
+    if not interpret:
+        _check_shared_memory(tiling, shape, q.dtype)
     if passes not in (None, 1, 2):
         raise KernelInputError(f"passes must be None, 1 or 2, got {passes!r}")
     chunk = None
