@@ -253,6 +253,27 @@ def tree_specs(tree, mesh: Mesh, *, rules=RULES):
     return jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_is_var)
 
 
+def cast_in_place(tree, dtype, mesh: Mesh, *, keep=lambda var: False, rules=RULES):
+    """Each float32 matrix Variable of ``tree`` (ndim ≥ 2, ``keep(var)`` false) cast to ``dtype`` on its own shard.
+
+    Inside jit, a sharded float32 weight that a bf16 matmul needs whole is otherwise all-gathered in float32 and
+    cast afterwards; cast first (pinned to the weight's sharding) and fsdp moves half the bytes, forward and
+    backward (the gradient's reduce-scatter is then in ``dtype`` too). Vectors (norm scales) keep their dtype.
+    """
+
+    def cast(path, x):
+        if not _is_var(x) or keep(x):
+            return x
+        value = x.get_value()
+        if getattr(value, "ndim", 0) < 2 or value.dtype != jnp.float32:
+            return x
+        axes = variable_axes(x)
+        spec = P() if axes is None else logical_to_spec(axes, value.shape, mesh, name=_path_name(path), rules=rules)
+        return x.replace(jax.lax.with_sharding_constraint(value.astype(dtype), NamedSharding(mesh, spec)))
+
+    return jax.tree_util.tree_map_with_path(cast, tree, is_leaf=_is_var)
+
+
 def tree_shardings(tree, mesh: Mesh, *, rules=RULES):
     """NamedShardings (on ``mesh``) with the tree structure of ``tree``; see :func:`tree_specs`."""
     specs = tree_specs(tree, mesh, rules=rules)

@@ -272,10 +272,14 @@ def forward_hidden(model: LlamaModel, input_ids, attention: str, attention_confi
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x_btd = jnp.take(model.embed[...], input_ids, axis=0).astype(model.dtype)
     aux_per_layer = []
+    mesh = attention_config.get("mesh")
+    gather_low = mesh is not None and jnp.dtype(model.dtype) != jnp.dtype(jnp.float32)
     for layer in model.layers:
         graphdef, state = nnx.split(layer)
 
         def call(state, x_btd, positions_bt, graphdef=graphdef):
+            if gather_low:  # fsdp gathers the weights in the compute dtype; gates keep theirs
+                state = shd.cast_in_place(state, model.dtype, mesh, keep=lambda v: isinstance(v, GateParam))
             return nnx.merge(graphdef, state)(x_btd, positions_bt, None, fn, attention_config, rope, config)
 
         if remat != "none":
