@@ -152,6 +152,11 @@ class DecoderLayer(nnx.Module):
             return h_btd + self.mlp(self.mlp_norm(h_btd)), aux
 
 
+def lm_logits(hidden_btd: jax.Array, w_ve: jax.Array, dtype) -> jax.Array:
+    """``[B, T, E]`` hidden states and the ``[V, E]`` LM head → float32 ``[B, T, V]`` logits, computed in ``dtype``."""
+    return jnp.einsum("btd,vd->btv", hidden_btd.astype(dtype), w_ve.astype(dtype), preferred_element_type=jnp.float32)
+
+
 class LlamaModel(nnx.Module):
     """Decoder-only transformer of the Llama / Qwen2 / Qwen3 families.
 
@@ -251,8 +256,7 @@ class LlamaModel(nnx.Module):
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """``[B, T, E]`` → float32 ``[B, T, V]`` through the LM head (the embedding when tied)."""
-        w_ve = (self.embed if self.lm_head is None else self.lm_head)[...].astype(self.dtype)
-        return jnp.einsum("btd,vd->btv", hidden_btd.astype(self.dtype), w_ve, preferred_element_type=jnp.float32)
+        return lm_logits(hidden_btd, (self.embed if self.lm_head is None else self.lm_head)[...], self.dtype)
 
     # -- helpers -------------------------------------------------------------------------------------
 

@@ -130,6 +130,32 @@ def test_remat_forward_matches_model_and_chunked_loss_matches_full(files):
     np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
 
 
+@pytest.mark.parametrize("mesh_spec, per_device", [("data=2,fsdp=4", True), ("fsdp=4,tensor=2", False)])
+def test_lm_loss_on_a_mesh_runs_per_device_and_matches(mesh_spec, per_device):
+    """On a batch-only mesh the chunked LM loss runs under shard_map (the head gathered once, its gradient reduced
+    once); with a tensor axis it stays on the partitioner. Both give the one-device loss and gradients."""
+    model = peaky_model()
+    mesh = shd.make_mesh(mesh_spec)
+    rng = np.random.default_rng(4)
+    hidden = jnp.asarray(rng.normal(size=(8, 100, model.config.hidden_size)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 257, (8, 100)), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, hidden, ids, mesh):
+        return ft.lm_loss(nnx.merge(graphdef, state), hidden, ids, chunk=32, mesh=mesh)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
+    want, (g_state, g_hidden) = grad(state, hidden, ids, None)
+    placed = shd.put_tree(state, shd.tree_shardings(state, mesh))
+    got, (h_state, h_hidden) = grad(placed, shd.put_batch(np.asarray(hidden), mesh), shd.put_batch(np.asarray(ids), mesh), mesh)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(h_hidden), np.asarray(g_hidden), rtol=1e-5, atol=1e-7)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(h_state), jax.tree_util.tree_leaves_with_path(g_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    jaxpr = str(jax.make_jaxpr(loss, static_argnums=3)(placed, hidden, ids, mesh))
+    assert ("shard_map" in jaxpr) == per_device
+
+
 def test_yarn_reconfigures_rope_over_the_old_context():
     config = ft.yarn_config(ModelConfig(**TINY), 4.0)
     assert config.rope.rope_type == "yarn" and config.rope.factor == 4.0

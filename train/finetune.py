@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -48,7 +49,7 @@ from seerjax.attention import AttentionError, AttentionInputs, AttentionOutputs,
 from seerjax.config import ModelConfig, RopeConfig
 from seerjax.dtypes import resolve_dtype
 from seerjax.gate import GateConfig, GateParam
-from seerjax.model import LlamaModel
+from seerjax.model import LlamaModel, lm_logits
 from seerjax.train.checkpoints import METRICS_FILE, checkpoint_manager, rewrite_metrics
 from seerjax.train.distill import distill_loss
 
@@ -292,13 +293,35 @@ def forward_hidden(model: LlamaModel, input_ids, attention: str, attention_confi
     return model.final_norm(x_btd), aux_per_layer
 
 
-def lm_loss(model: LlamaModel, hidden_btd, targets_bt, *, chunk: int = 0) -> jax.Array:
+def lm_loss(model: LlamaModel, hidden_btd, targets_bt, *, chunk: int = 0, mesh=None) -> jax.Array:
     """Mean next-token cross-entropy (float32). With ``0 < chunk < T`` the logits are made ``chunk`` positions at
-    a time (rematerialized in the backward pass), so ``[B, T, vocab]`` is never held at once."""
+    a time (rematerialized in the backward pass), so ``[B, T, vocab]`` is never held at once.
+
+    With a ``mesh`` whose batch axes split the batch (and no tensor axis), the loss runs per device under
+    ``shard_map``: the LM head is all-gathered once (in the compute dtype) and its gradient reduced once, instead
+    of once per chunk in each direction, which is what the partitioner made of the chunk loop over a sharded
+    head (an all-gather and a full-size gradient all-reduce per chunk, seen in the compiled step)."""
+    head = model.embed if model.lm_head is None else model.lm_head
+    b, t = targets_bt.shape
+    batch_shards = 1 if mesh is None else math.prod(mesh.shape.get(a, 1) for a in shd.BATCH_AXES)
+    if mesh is None or batch_shards == 1 or mesh.shape.get("tensor", 1) != 1 or b % batch_shards:
+        return _ce_sum(hidden_btd, targets_bt, head[...], model.dtype, chunk) / (b * t)
+    w_ve = shd.cast_in_place(head, model.dtype, mesh)[...] if jnp.dtype(model.dtype) != jnp.float32 else head[...]
+
+    def per_device(h, y, w):
+        return jax.lax.psum(_ce_sum(h, y, w, model.dtype, chunk), shd.BATCH_AXES)
+
+    total = shd.shard_map(
+        per_device, mesh=mesh, in_specs=(P(shd.BATCH_AXES, None, None), P(shd.BATCH_AXES, None), P()), out_specs=P()
+    )(hidden_btd, targets_bt, w_ve)
+    return total / (b * t)
+
+
+def _ce_sum(hidden_btd, targets_bt, w_ve, dtype, chunk: int) -> jax.Array:
+    """Summed cross-entropy of ``targets_bt`` under the logits of ``hidden_btd`` through ``w_ve``, chunked."""
     b, t, e = hidden_btd.shape
     if not chunk or chunk >= t:
-        logits = model.logits(hidden_btd)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets_bt))
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(lm_logits(hidden_btd, w_ve, dtype), targets_bt))
     n = -(-t // chunk)
     pad = n * chunk - t
     h_nbce = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
@@ -308,11 +331,11 @@ def lm_loss(model: LlamaModel, hidden_btd, targets_bt, *, chunk: int = 0) -> jax
     @jax.checkpoint
     def body(total, xs):
         h, y, w = xs
-        ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(h), y)
+        ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits(h, w_ve, dtype), y)
         return total + jnp.sum(jnp.where(w, ce, 0.0)), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_nbce, y_nbc, w_n1c))
-    return total / (b * t)
+    return total
 
 
 # -- optimizer and step ----------------------------------------------------------------------------------
@@ -364,7 +387,7 @@ def make_train_step(graphdef, gate_config: GateConfig, tx, s: FinetuneSettings, 
         hidden_btd, aux = forward_hidden(
             model, tokens_bt, attention, attention_config, remat=s.remat, activation_sharding=activations
         )
-        lm = lm_loss(model, hidden_btd[:, :-1], tokens_bt[:, 1:], chunk=s.loss_chunk)
+        lm = lm_loss(model, hidden_btd[:, :-1], tokens_bt[:, 1:], chunk=s.loss_chunk, mesh=attention_config["mesh"])
         if s.gate_loss_scale > 0:
             gate = distill_loss(aux, gate_config, loss_scale=s.gate_loss_scale, skip_fraction=s.skip_fraction)
         else:
