@@ -4,7 +4,7 @@
 #   bash eval/gpu_round.sh OUT [STEP ...]
 #
 # Steps (default: all, in this order; each capped with `timeout`; a failing step does not stop the others):
-#   tests   compiled correctness tests, in four pytest processes side by side (every property example compiles
+#   tests   compiled correctness tests, in five pytest processes side by side (every property example compiles
 #           its own kernels, so one process is CPU-bound on compilation; the device has 16 host cores)
 #   gate    eval/bench_gate.py at 32k and 128k
 #   tune    eval/tune_kernels.py: pooled tiles at 32k, Hopper ring depth / warpgroups at 128k
@@ -29,7 +29,9 @@ for step in "${steps[@]}"; do
     tests)
       py=(python3 -m pytest -m gpu -q -p no:cacheprovider)
       export XLA_PYTHON_CLIENT_PREALLOCATE=false  # four processes share the GPU
-      run t_pool_f32 "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and float32" &
+      # float32 items compile slowest: two processes (non-causal, causal), as one did not finish its 12 in 250 s
+      run t_pool_f32_a "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and float32 and False" &
+      run t_pool_f32_b "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and float32 and True" &
       run t_pool_rest "$CAP_TESTS" "${py[@]}" tests/test_pooling.py -k "TestCompiledOnGpu and not float32" &
       run t_sparse "$CAP_TESTS" "${py[@]}" tests/test_block_sparse.py tests/test_topk.py tests/test_block_pool.py &
       run t_hopper "$CAP_TESTS" "${py[@]}" tests/test_hopper.py tests/test_hopper_bwd.py &
