@@ -191,6 +191,17 @@ def layout_helpers(interpreted: bool):
     return plgpu.layout_cast, functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
 
 
+def visible(rows, cols, valid, offset, *, causal: bool, has_lengths: bool):
+    """Which (query row, key column) pairs of a tile attend: the key inside the valid length, at or before the
+    row's bottom-right aligned diagonal when causal, and (with lengths) the query row inside it too."""
+    vis = cols < valid
+    if causal:
+        vis = vis & (cols <= rows + offset)
+    if has_lengths:
+        vis = vis & (rows < valid)
+    return vis
+
+
 def dot_nt(a_ref, b_ref, interpreted: bool, after_issue=None):
     """a `[m, d]` · b `[n, d]`ᵀ → float32 `[m, n]`, both operands in shared memory; `after_issue` runs between
     issuing the wgmma and waiting for it (the ping-pong schedule point). The CPU interpreter's wgmma takes no
@@ -322,11 +333,7 @@ def _kernel_body(
             if masked:
                 rows = iota((WG_ROWS, bs), 0) + row0
                 cols = iota((WG_ROWS, bs), 1) + start
-                vis = cols < valid
-                if sh.causal:
-                    vis = vis & (cols <= rows + offset)
-                if plan.has_lengths:
-                    vis = vis & (rows < valid)
+                vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
                 s = jnp.where(vis, s, -jnp.inf)
             block_max = s.max(axis=1) * scale2
             m_next = jnp.maximum(m_prev, block_max)

@@ -28,7 +28,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from seerjax.kernels.checks import AttentionShape
-from seerjax.kernels.hopper import _kernel_call, acc_dot, dot_nt, kv_streams, layout_helpers, plgpu, ring_producer
+from seerjax.kernels.hopper import (
+    _kernel_call, acc_dot, dot_nt, kv_streams, layout_helpers, plgpu, ring_producer, visible,
+)
 
 LOG2_E = math.log2(math.e)
 ROWS = 64  # the tile of both kernels: 64 query rows (dq) or 64 keys (dk/dv), one wgmma M tile
@@ -122,9 +124,7 @@ def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_r
                 start = lists_ref[b, mhead, qblk, it] * bs
                 rows = iota((ROWS, bs), 0) + row0
                 cols = iota((ROWS, bs), 1) + start
-                vis = (cols < valid) & ((cols <= rows + offset) if sh.causal else True)
-                if plan.has_lengths:
-                    vis = vis & (rows < valid)
+                vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
                 s = jnp.where(vis, s, -jnp.inf)
             p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))  # lse = +inf: p = 0
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
@@ -222,9 +222,7 @@ def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, l
                 start = tlists_ref[b, mhead, kblk, it] * bs
                 keys = iota((ROWS, bs), 0) + key0
                 rows = iota((ROWS, bs), 1) + start
-                vis = (keys < valid) & ((keys <= rows + offset) if sh.causal else True)
-                if plan.has_lengths:
-                    vis = vis & (rows < valid)
+                vis = visible(rows, keys, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
                 s_t = jnp.where(vis, s_t, -jnp.inf)
             plgpu.barrier_wait(lse_ready.at[slot])
             lse = _vector(lse_ring.at[slot], interpreted, 1)

@@ -241,16 +241,18 @@ def tree_specs(tree, mesh: Mesh, *, rules=RULES):
     """
 
     def spec(path, x):
-        if _is_var(x):
-            axes = variable_axes(x)
-            value = x.get_value()
-            shape = tuple(getattr(value, "shape", ()))
-            if axes is None:
-                return x.replace(P())
-            return x.replace(logical_to_spec(axes, shape, mesh, name=_path_name(path), rules=rules))
-        return P()
+        return x.replace(_variable_spec(path, x, mesh, rules)) if _is_var(x) else P()
 
     return jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_is_var)
+
+
+def _variable_spec(path, var: nnx.Variable, mesh: Mesh, rules) -> P:
+    """The PartitionSpec the rules give a Variable (replicated when it has no logical axes)."""
+    axes = variable_axes(var)
+    if axes is None:
+        return P()
+    shape = tuple(getattr(var.get_value(), "shape", ()))
+    return logical_to_spec(axes, shape, mesh, name=_path_name(path), rules=rules)
 
 
 def cast_in_place(tree, dtype, mesh: Mesh, *, keep=lambda var: False, rules=RULES):
@@ -267,9 +269,8 @@ def cast_in_place(tree, dtype, mesh: Mesh, *, keep=lambda var: False, rules=RULE
         value = x.get_value()
         if getattr(value, "ndim", 0) < 2 or value.dtype != jnp.float32:
             return x
-        axes = variable_axes(x)
-        spec = P() if axes is None else logical_to_spec(axes, value.shape, mesh, name=_path_name(path), rules=rules)
-        return x.replace(jax.lax.with_sharding_constraint(value.astype(dtype), NamedSharding(mesh, spec)))
+        sharding = NamedSharding(mesh, _variable_spec(path, x, mesh, rules))
+        return x.replace(jax.lax.with_sharding_constraint(value.astype(dtype), sharding))
 
     return jax.tree_util.tree_map_with_path(cast, tree, is_leaf=_is_var)
 
