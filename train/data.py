@@ -164,7 +164,7 @@ class PackedSequences:
 
     `docs` form one EOS-separated stream cut every `seq_len` tokens, so a document may span two sequences.
     The `whole` documents (each shorter than `seq_len`) are never cut: they are packed, EOS-separated,
-    into sequences of their own (first fit in a fixed seeded order), whose remaining tokens come from the
+    into sequences of their own (next fit in a fixed seeded order), whose remaining tokens come from the
     stream. Synthetic retrieval documents go there: a passkey split across two sequences teaches nothing
     about retrieving over its full distance.
     """
@@ -250,8 +250,8 @@ def split_documents(docs: list[np.ndarray], heldout_fraction: float, seed: int =
 
 def packed_from_source(source: str, tokenizer, seq_len: int, seed: int = 0, retrieval_docs: int = 0) -> PackedSequences:
     """The whole pipeline: SOURCE → documents → tokens → packed sequences; `retrieval_docs` synthetic
-    passkey / key–value / copy documents (haystacks from SOURCE, up to seq_len-1 tokens, each kept whole in
-    a sequence of its own) mixed in."""
+    passkey / key–value / copy documents (haystacks from SOURCE, up to seq_len-1 tokens, each kept whole
+    within one sequence) mixed in."""
     texts = load_texts(source)
     docs = tokenize_documents(texts, tokenizer)
     whole = []
