@@ -9,6 +9,7 @@
 Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B 1.
 
     python eval/tune_kernels.py pooled --length 32768 --json OUT/tune_pooled.json
+    python eval/tune_kernels.py pooled --length 32768 --tiles 128x64x8x3,128x64x4x2 --rounds 5   # side by side
     python eval/tune_kernels.py hopper --length 131072 --densities 0.1,0.5 --json OUT/tune_hopper.json
     python eval/tune_kernels.py backward --length 32768 --densities 0.1 --json OUT/backward.json
 """
@@ -35,36 +36,63 @@ def _inputs(t: int):
 
 def _time(fn, *args) -> float:
     try:
-        return median_ms(jax.jit(fn), *args, warmup=2, reps=5)
+        return median_ms(fn if hasattr(fn, "lower") else jax.jit(fn), *args, warmup=2, reps=5)
     except Exception as e:  # a launch shape that does not compile (shared memory, registers)
         print(f"  {type(e).__name__}: {str(e)[:160]}", flush=True)
         return float("nan")
 
 
-def sweep_pooled(t: int) -> list[dict]:
+def parse_tiles(text: str):
+    """`"128x64x4x2,128x64x8x3"` → [Tiling(128, 64, 4, 2), Tiling(128, 64, 8, 3)] (block_q x block_k x warps x stages)."""
+    from seerjax.kernels import pooling
+
+    tiles = []
+    for item in filter(None, text.split(",")):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(x.isdigit() for x in parts):
+            raise SystemExit(f"--tiles: {item!r} is not block_qxblock_kxwarpsxstages, e.g. 128x64x4x2")
+        tiles.append(pooling.Tiling(*map(int, parts)))
+    return tiles
+
+
+def sweep_pooled(t: int, tiles=None, rounds: int = 1) -> list[dict]:
+    """Every tile (or the given ones) of the one-pass kernel, `rounds` times interleaved with cuDNN, so tiles
+    compared side by side see the same clocks; each row is one (round, tile) timing."""
     from seerjax.kernels import pooling
     from seerjax.kernels.checks import check_attention_inputs
 
     q, k, v = _inputs(t)
     shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
-    cudnn = median_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                            implementation="cudnn")), q, k, v)
-    print(f"cuDNN dense: {cudnn:.3f} ms", flush=True)
     base = pooling.default_tiling(shape, q.dtype)
+    if tiles is None:
+        tiles = [pooling.Tiling(*x) for x in itertools.product((64, 128), (32, 64), (4, 8), (2, 3, 4))]
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+    fns = {tiling: jax.jit(lambda q, k, v, tiling=tiling: pooling.attention_with_pooling_pallas(
+        q, k, v, shape, interpret=False, tiling=tiling, passes=1)) for tiling in tiles}
     rows = []
-    for block_q, block_k, warps, stages in itertools.product((64, 128), (32, 64), (4, 8), (2, 3, 4)):
-        tiling = pooling.Tiling(block_q, block_k, warps, stages)
-        ms = _time(lambda q, k, v, tiling=tiling: pooling.attention_with_pooling_pallas(
-            q, k, v, shape, interpret=False, tiling=tiling, passes=1), q, k, v)
-        rows.append({"kernel": "pooled", "block_q": block_q, "block_k": block_k, "warps": warps, "stages": stages,
-                     "ms": ms, "vs_cudnn": ms / cudnn, "default": tiling == base})
-        print(f"pooled block_q={block_q} block_k={block_k} warps={warps} stages={stages}: {ms:.3f} ms "
-              f"({ms / cudnn:.2f}× cuDNN){'  (default)' if tiling == base else ''}", flush=True)
+    for r in range(rounds):
+        cudnn = median_ms(dense, q, k, v)
+        print(f"round {r}: cuDNN dense: {cudnn:.3f} ms", flush=True)
+        for tiling, fn in fns.items():
+            ms = _time(fn, q, k, v)
+            rows.append({"kernel": "pooled", "round": r, "block_q": tiling.block_q, "block_k": tiling.block_k,
+                         "warps": tiling.num_warps, "stages": tiling.num_stages, "ms": ms, "cudnn_ms": cudnn,
+                         "vs_cudnn": ms / cudnn, "default": tiling == base})
+            print(f"pooled block_q={tiling.block_q} block_k={tiling.block_k} warps={tiling.num_warps} "
+                  f"stages={tiling.num_stages}: {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN)"
+                  f"{'  (default)' if tiling == base else ''}", flush=True)
+    if rounds > 1:
+        for tiling in tiles:
+            ratios = sorted(x["vs_cudnn"] for x in rows if (x["block_q"], x["block_k"], x["warps"], x["stages"])
+                            == (tiling.block_q, tiling.block_k, tiling.num_warps, tiling.num_stages))
+            print(f"median over {rounds} rounds, {tiling}: {ratios[len(ratios) // 2]:.3f}× cuDNN "
+                  f"(all: {', '.join(f'{x:.3f}' for x in ratios)})", flush=True)
     from seerjax.kernels import hopper
 
     if hopper.is_hopper_device() and hopper.pooling_supported(shape, q.dtype):
         ms = _time(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, shape), q, k, v)
-        rows.append({"kernel": "pooled (Mosaic GPU)", "ms": ms, "vs_cudnn": ms / cudnn, "default": False})
+        rows.append({"kernel": "pooled (Mosaic GPU)", "ms": ms, "cudnn_ms": cudnn, "vs_cudnn": ms / cudnn,
+                     "default": False})
         print(f"pooled, Mosaic GPU (kernels/hopper.py): {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN)", flush=True)
     return rows
 
@@ -139,10 +167,14 @@ def main(argv=None) -> int:
     p.add_argument("kernel", choices=("pooled", "hopper", "backward"))
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--densities", default="0.1,0.5", help="hopper and backward only")
+    p.add_argument("--tiles", default=None, help="pooled only: these tiles, e.g. 128x64x4x2,128x64x8x3 (default: all)")
+    p.add_argument("--rounds", type=int, default=1, help="pooled only: time cuDNN and every tile this many times")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.kernel == "pooled":
-        rows = sweep_pooled(args.length)
+        rows = sweep_pooled(args.length, parse_tiles(args.tiles) if args.tiles else None, args.rounds)
     elif args.kernel == "hopper":
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")])
     else:
