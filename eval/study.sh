@@ -24,6 +24,8 @@ DISTILL_LR=${DISTILL_LR:-1e-3}
 DISTILL_RETRIEVAL_DOCS=${DISTILL_RETRIEVAL_DOCS:-2000}
 BLOCK=${BLOCK:-64}
 D_GATE=${D_GATE:-64}
+GATE_TYPE=${GATE_TYPE:-Qavg_Kmaxminavg}  # the gate's poolings (the fifth session's study: Qavgmax_Kmaxminavg)
+DISTILL_HEADS=${DISTILL_HEADS:-query,kv}  # which gates the distill stage trains
 EVAL_SEQS=${EVAL_SEQS:-16}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}
 RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
@@ -52,13 +54,14 @@ if [[ $stage == all || $stage == train || $stage == distill ]]; then
     local heads=$1
     echo "== distill ($heads-head gates, $DISTILL_STEPS steps) $(date -u +%T)"
     $SJ distill --model "$MODEL" --data embedded:train --seq-len "$SEQ" --steps "$DISTILL_STEPS" \
-      --out "$out/gates_$heads" --gate-heads "$heads" --block-size "$BLOCK" --d-gate "$D_GATE" --lr "$DISTILL_LR" \
+      --out "$out/gates_$heads" --gate-heads "$heads" --block-size "$BLOCK" --d-gate "$D_GATE" --gate-type "$GATE_TYPE" \
+      --lr "$DISTILL_LR" \
       --warmup $((DISTILL_STEPS / 10 + 1)) --save-every "$DISTILL_STEPS" --retrieval-docs "$DISTILL_RETRIEVAL_DOCS" \
       --no-progress $EXTRA
     echo "$heads: $(tail -n 1 "$out/gates_$heads/metrics.jsonl")"
   }
-  side distill query
-  side distill kv
+  IFS=, read -ra heads_list <<< "$DISTILL_HEADS"
+  for heads in "${heads_list[@]}"; do side distill "$heads"; done
   wait
 fi
 if [[ $stage == all || $stage == eval ]]; then

@@ -5,15 +5,19 @@ layer's block max-pooled attention map (the target), plus the gate's logits on s
 ``"seer"`` — inference: gate → block selection → `block_sparse_attention`. ``"oracle"`` and the
 training-free baselines ``"streaming"``, ``"vertical_slash"``, ``"quest"``, ``"moba"`` select blocks from
 other scores with the same TopK, so all compare at matched density. Selection settings come from the
-attention config (`density` or `threshold`, `keep_first`, `dense_last_rows`, `block_size`), not from code.
+attention config (`density` or `threshold`, `keep_first`, `dense_last_rows`, `block_size`), not from code;
+`decode_tokens` makes the last rows dense, as tokens decoded after a sparse prefill are.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from seerjax.attention import AttentionError, AttentionInputs, AttentionOutputs, register_attention
+from seerjax.attention import AttentionError, AttentionInputs, AttentionOutputs, reference_attention, register_attention
 from seerjax.kernels import attention_with_pooling, block_sparse_attention
 from seerjax.rope import apply_rope, rope_frequencies
 from seerjax.selection import (
@@ -108,7 +112,47 @@ def _sparse(inputs: AttentionInputs, scores, block_size: int, aux=None, premaske
     return AttentionOutputs(out, aux)
 
 
+def sparse_prefill_dense_decode(method):
+    """Wraps a sparse method so that ``decode_tokens`` = n > 0 in the config runs it as a served request does.
+
+    SeerAttention sparsifies the prefill; the tokens decoded after it read the whole KV cache densely. So the first
+    T - n rows (the prompt) go through the method exactly as a prefill of T - n tokens would (its gate or scores
+    see the prompt only), and the last n rows attend densely to every key, the prompt's K/V being those that
+    sparse prefill wrote. Causality makes one pass equal to prefill-then-decode. For evaluation, where n is a
+    handful of answer tokens (T == S, no padding).
+    """
+
+    @functools.wraps(method)
+    def wrapped(inputs: AttentionInputs) -> AttentionOutputs:
+        n = inputs.config.get("decode_tokens", 0) or 0
+        t, s = inputs.q.shape[1], inputs.k.shape[1]
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < t:
+            raise AttentionError(f"decode_tokens must be an int in [0, q_len={t}), got {n!r}")
+        if n == 0:
+            return method(inputs)
+        if inputs.lengths is not None or t != s:
+            raise AttentionError(
+                f"decode_tokens (dense rows at the end of the sequence) needs lengths=None and q_len == kv_len, "
+                f"got lengths={'set' if inputs.lengths is not None else None}, T={t}, S={s}"
+            )
+        p = t - n
+        config = {key: val for key, val in inputs.config.items() if key != "decode_tokens"}
+        prompt = dataclasses.replace(
+            inputs, q=inputs.q[:, :p], k=inputs.k[:, :p], v=inputs.v[:, :p], q_nope=inputs.q_nope[:, :p],
+            k_nope=inputs.k_nope[:, :p], positions=inputs.positions[:, :p], config=config,
+        )
+        head = method(prompt)
+        tail = dataclasses.replace(
+            inputs, q=inputs.q[:, p:], q_nope=inputs.q_nope[:, p:], positions=inputs.positions[:, p:], config=config
+        )
+        out = jnp.concatenate([head.out, reference_attention(tail).out.astype(head.out.dtype)], axis=1)
+        return AttentionOutputs(out, head.aux)  # aux (density, mask, gate logits) of the prefill
+
+    return wrapped
+
+
 @register_attention("seer")
+@sparse_prefill_dense_decode
 def seer_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """SeerAttention: the layer's AttnGate scores blocks (softmax over key blocks), TopK or threshold picks."""
     if inputs.gate is None:
@@ -126,6 +170,7 @@ def seer_attention(inputs: AttentionInputs) -> AttentionOutputs:
 
 
 @register_attention("oracle")
+@sparse_prefill_dense_decode
 def oracle_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """The upper bound: blocks picked from the true block max-pooled attention map of this very input."""
     bs = _block_size(inputs)
@@ -137,6 +182,7 @@ def oracle_attention(inputs: AttentionInputs) -> AttentionOutputs:
 
 
 @register_attention("streaming")
+@sparse_prefill_dense_decode
 def streaming_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """StreamingLLM: the sink block and a local window of blocks, sized to the density."""
     bs = _block_size(inputs)
@@ -146,6 +192,7 @@ def streaming_attention(inputs: AttentionInputs) -> AttentionOutputs:
 
 
 @register_attention("vertical_slash")
+@sparse_prefill_dense_decode
 def vertical_slash_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """MInference-style vertical-slash pattern estimated from the last query block."""
     bs = _block_size(inputs)
@@ -154,6 +201,7 @@ def vertical_slash_attention(inputs: AttentionInputs) -> AttentionOutputs:
 
 
 @register_attention("quest")
+@sparse_prefill_dense_decode
 def quest_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """Quest-style: per-channel key min/max bound per block against the mean query of each block."""
     bs = _block_size(inputs)
@@ -161,6 +209,7 @@ def quest_attention(inputs: AttentionInputs) -> AttentionOutputs:
 
 
 @register_attention("moba")
+@sparse_prefill_dense_decode
 def moba_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """MoBA-style: mean-pooled queries against mean-pooled keys, TopK blocks."""
     bs = _block_size(inputs)

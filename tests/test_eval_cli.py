@@ -38,6 +38,10 @@ def test_distill_then_eval_every_method(tmp_path):
         assert set(r) >= {"method", "density", "achieved_density", "ppl", "recall", "retrieval"}
         assert np.isfinite(r["ppl"]) and 0 <= r["recall"] <= 1 + 1e-6 and 0 <= r["retrieval"] <= 1
         assert list(r["retrieval_by_length"]) == ["256"] and r["retrieval_by_length"]["256"] == r["retrieval"]
+        # Both protocols are recorded; with dense attention (or density 1.0) they are the same run.
+        assert 0 <= r["retrieval_prefill"] <= 1 and r["retrieval_prefill_by_length"]["256"] == r["retrieval_prefill"]
+        if r["method"] == "dense" or r["density"] == 1.0:
+            assert r["retrieval_prefill"] == r["retrieval"], r
     dense = next(r for r in records if r["method"] == "dense")
     for r in records:
         if r["density"] == 1.0:
@@ -45,7 +49,7 @@ def test_distill_then_eval_every_method(tmp_path):
             assert r["recall"] > 0.999
     assert (tmp_path / "eval" / "ppl_vs_density.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "gate_vs_truth.png").stat().st_size > 1000
-    assert (tmp_path / "eval" / "results.md").exists()
+    assert "retrieval, dense decode" in (tmp_path / "eval" / "results.md").read_text()
 
     # Selection options apply to every sparse method alike: keeping the first block and dense last rows can
     # only add blocks, so each method's achieved density rises above its plain TopK run.

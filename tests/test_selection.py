@@ -163,6 +163,56 @@ def test_every_method_at_density_one_gives_dense_logits(heads):
             assert np.isfinite(np.asarray(sparse)).all(), method
 
 
+@pytest.mark.parametrize("method", ["seer", "streaming"])
+def test_decode_tokens_is_a_sparse_prefill_of_the_prompt_then_dense_decoding(method):
+    """decode_tokens = n: the prompt's logits are exactly those of a sparse prefill of the prompt alone (its gate
+    never sees the answer), the last n rows differ from the all-sparse run, and at density 1.0 all is dense."""
+    model = _tiny_model()
+    attach_gates(model, gate_config_for_model(model.config, block_size=16, d_gate=32, heads="query"))
+    ids = jax.random.randint(jax.random.key(3), (1, 120), 0, 256)
+    opts = {"density": 0.1, "implementation": "reference", "block_size": 16}
+    n = 5
+    with jax.default_matmul_precision("highest"):
+        sparse = np.asarray(model.forward(ids, attention=method, attention_config=opts)[0])
+        prefill = np.asarray(model.forward(ids[:, :-n], attention=method, attention_config=opts)[0])
+        mixed, aux = model.forward(ids, attention=method, attention_config={**opts, "decode_tokens": n})
+        dense = np.asarray(model(ids, attention="reference"))
+        full = model.forward(ids, attention=method, attention_config={**opts, "density": 1.0, "decode_tokens": n})[0]
+    mixed = np.asarray(mixed)
+    np.testing.assert_allclose(mixed[:, :-n], prefill, rtol=1e-5, atol=1e-5)
+    assert np.abs(mixed[:, -n:] - sparse[:, -n:]).max() > 1e-4  # the tail is no longer sparse ...
+    assert np.abs(mixed[:, -n:] - dense[:, -n:]).max() > 1e-4  # ... but the sparse prefill still shapes it
+    assert all(0 < float(a["density"].mean()) < 0.5 for a in aux)  # the prefill's density
+    np.testing.assert_allclose(np.asarray(full), dense, atol=1e-4)
+    for bad in (-1, 120, 2.5, True):
+        with pytest.raises(ValueError, match=r"decode_tokens must be an int in \[0, q_len=120\)"):
+            model.forward(ids, attention=method, attention_config={**opts, "decode_tokens": bad})
+    with pytest.raises(ValueError, match="decode_tokens .* needs lengths=None"):
+        model.forward(ids, attention=method, attention_config={**opts, "decode_tokens": 2}, lengths=jnp.asarray([100]))
+
+
+def test_decode_tokens_tail_is_dense_attention_over_the_same_keys():
+    """One attention call: rows [T-n, T) equal reference attention of those rows over all keys; rows before equal
+    the method on the first T-n rows alone."""
+    from seerjax.attention import AttentionInputs, get_attention, reference_attention
+
+    b, t, hq, hkv, d, n = 1, 96, 4, 2, 32, 3
+    q = jax.random.normal(jax.random.key(0), (b, t, hq, d))
+    k = jax.random.normal(jax.random.key(1), (b, t, hkv, d))
+    v = jax.random.normal(jax.random.key(2), (b, t, hkv, d))
+    pos = jnp.arange(t)[None]
+    opts = {"density": 0.1, "implementation": "reference", "block_size": 16}
+    fn = get_attention("streaming")
+    with jax.default_matmul_precision("highest"):
+        mixed = np.asarray(fn(AttentionInputs(q, k, v, q, k, pos, None, 0, config={**opts, "decode_tokens": n})).out)
+        p = t - n
+        head = np.asarray(fn(AttentionInputs(q[:, :p], k[:, :p], v[:, :p], q[:, :p], k[:, :p], pos[:, :p], None, 0,
+                                             config=opts)).out)
+        tail = np.asarray(reference_attention(AttentionInputs(q[:, p:], k, v, q[:, p:], k, pos[:, p:], None, 0)).out)
+    np.testing.assert_array_equal(mixed[:, :p], head)
+    np.testing.assert_allclose(mixed[:, p:], tail, rtol=1e-5, atol=1e-6)
+
+
 def test_seer_without_gates_is_a_clear_error():
     model = _tiny_model()
     with pytest.raises(ValueError, match="needs AttnGates"):
