@@ -26,11 +26,12 @@ SCALES = {
         distill_steps=2, distill_batch=1, distill_lr=5e-3, distill_retrieval_docs=2, block_size=16,
         d_gate=32, eval_sequences=1, retrieval_samples=1,
     ),
-    # The study's recipe (eval/study.sh, docs/results.md): about 6 minutes of pretraining on one H100.
+    # The study's recipe (eval/study.sh, docs/results.md): about 8 minutes of pretraining and 5 of distillation
+    # on one H100.
     "gpu": dict(
         preset="small", seq_len=8192, pretrain_steps=5400, pretrain_batch=8, pretrain_lr=2e-3, retrieval_docs=12000,
-        distill_steps=2000, distill_batch=1, distill_lr=1e-3, distill_retrieval_docs=2000, block_size=64,
-        d_gate=64, eval_sequences=16, retrieval_samples=4,
+        distill_steps=56000, distill_batch=1, distill_lr=1e-3, distill_retrieval_docs=4000, block_size=64,
+        d_gate=128, gate_type="Qavgmax_Kmaxminavg", eval_sequences=16, retrieval_samples=4,
     ),
 }
 
@@ -77,6 +78,7 @@ def run(args) -> int:
         DistillSettings(
             model=base["model"], data="embedded:train", seq_len=cfg["seq_len"], steps=cfg["distill_steps"],
             out=gates_dir, batch=cfg["distill_batch"], block_size=cfg["block_size"], d_gate=cfg["d_gate"],
+            gate_type=cfg.get("gate_type", "Qavg_Kmaxminavg"),
             gate_heads=args.gate_heads, lr=cfg["distill_lr"], warmup=max(2, cfg["distill_steps"] // 10),
             save_every=cfg["distill_steps"], retrieval_docs=cfg["distill_retrieval_docs"],
             seed=args.seed, dtype=dtype, implementation=implementation, progress=progress,
