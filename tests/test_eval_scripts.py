@@ -66,3 +66,12 @@ def test_merge_results_keeps_dense_once_and_rejects_disagreeing_parts(tmp_path):
     (pathlib.Path(parts[1]) / "results.json").write_text(json.dumps([record("dense", 1.0, 2.5)]))
     with pytest.raises(EvalError, match="dense PPL differs"):
         merge_results(str(tmp_path / "bad"), parts)
+
+
+def test_tune_kernels_rejects_a_malformed_tile_by_name():
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "tune_kernels.py"), "pooled", "--tiles", "128x64x4"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode != 0 and "'128x64x4' is not block_qxblock_kxwarpsxstages" in p.stderr
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "tune_kernels.py"), "pooled", "--rounds", "0"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 2 and "--rounds must be >= 1, got 0" in p.stderr
