@@ -320,34 +320,32 @@ def _evaluate_setting(model, attention, options, sequences, retrieval, s: EvalSe
         total += float(nll)
         count += int(n)
         densities.append(np.asarray(dens))
-    correct, by_length = 0, {}
-    correct_prefill, by_length_prefill = 0, {}
+    # Per protocol, per document length: (hits, documents).
+    tallies: dict[str, dict[int, tuple[int, int]]] = {"retrieval": {}, "retrieval_prefill": {}}
     sparse = "density" in options or "threshold" in options  # dense attention: both protocols are the same run
     for ids, pos, answer in retrieval:
-        _, _, _, pred = nll_and_aux(state, jnp.asarray(ids)[None])
-        pred = np.asarray(pred)[0]
-        ok = int(np.all(pred[pos - 1] == answer))
-        correct += ok
-        hits, n = by_length.get(len(ids), (0, 0))
-        by_length[len(ids)] = (hits + ok, n + 1)
+        x = jnp.asarray(ids)[None]
+        pred = np.asarray(nll_and_aux(state, x)[3])[0]
+        ok = {"retrieval": int(np.all(pred[pos - 1] == answer))}
         # The same document as served: the prompt (up to the answer's first token, predicted by the prompt's
         # last row) prefilled with the method, the answer's later tokens decoded densely over that cache.
         if sparse:
-            pred = np.asarray(argmax_decoding_dense(len(answer) - 1)(state, jnp.asarray(ids)[None]))[0]
-            ok = int(np.all(pred[pos - 1] == answer))
-        correct_prefill += ok
-        hits, n = by_length_prefill.get(len(ids), (0, 0))
-        by_length_prefill[len(ids)] = (hits + ok, n + 1)
-    recall = _recall(model, attention, options, sequences[: s.recall_sequences], block_size)
-    return {
+            pred = np.asarray(argmax_decoding_dense(len(answer) - 1)(state, x))[0]
+            ok["retrieval_prefill"] = int(np.all(pred[pos - 1] == answer))
+        else:
+            ok["retrieval_prefill"] = ok["retrieval"]
+        for name, hit in ok.items():
+            hits, n = tallies[name].get(len(ids), (0, 0))
+            tallies[name][len(ids)] = (hits + hit, n + 1)
+    record = {
         "ppl": float(math.exp(total / count)),
         "achieved_density": float(np.mean(densities)),
-        "recall": recall,
-        "retrieval": correct / max(len(retrieval), 1),
-        "retrieval_by_length": {str(k): h / n for k, (h, n) in sorted(by_length.items())},
-        "retrieval_prefill": correct_prefill / max(len(retrieval), 1),
-        "retrieval_prefill_by_length": {str(k): h / n for k, (h, n) in sorted(by_length_prefill.items())},
+        "recall": _recall(model, attention, options, sequences[: s.recall_sequences], block_size),
     }
+    for name, by_length in tallies.items():
+        record[name] = sum(h for h, _ in by_length.values()) / max(len(retrieval), 1)
+        record[f"{name}_by_length"] = {str(k): h / n for k, (h, n) in sorted(by_length.items())}
+    return record
 
 
 def _recall(model, attention, options, sequences, block_size) -> float:

@@ -78,7 +78,7 @@ def run(args) -> int:
         DistillSettings(
             model=base["model"], data="embedded:train", seq_len=cfg["seq_len"], steps=cfg["distill_steps"],
             out=gates_dir, batch=cfg["distill_batch"], block_size=cfg["block_size"], d_gate=cfg["d_gate"],
-            gate_type=cfg.get("gate_type", "Qavg_Kmaxminavg"),
+            gate_type=cfg.get("gate_type", DistillSettings.gate_type),
             gate_heads=args.gate_heads, lr=cfg["distill_lr"], warmup=max(2, cfg["distill_steps"] // 10),
             save_every=cfg["distill_steps"], retrieval_docs=cfg["distill_retrieval_docs"],
             seed=args.seed, dtype=dtype, implementation=implementation, progress=progress,
