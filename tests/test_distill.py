@@ -225,3 +225,19 @@ def test_retrieval_documents_are_mixed_into_the_gate_data(tmp_path):
     assert b"The pass key is" in synthetic and b"The value of key" in synthetic
     packed = b"".join(bytes(mixed.sequence(i).astype("uint8")) for i in range(mixed.per_epoch))
     assert all(bytes(w.astype("uint8")) in packed for w in mixed.whole)
+
+
+def test_warm_start_continues_from_trained_gates_and_checks_their_settings(tmp_path):
+    data = PackedSequences(random_docs(), 128, 256, seed=0)
+    first = distill(settings(tmp_path / "first", steps=30), model=peaky_model(), data=data)
+    fresh_loss = first.losses[0]
+    warm = distill(settings(tmp_path / "warm", steps=3, lr=1e-4, init_gates=str(tmp_path / "first")), model=peaky_model(), data=data)
+    # The warm start's first step sees trained gates: its loss is near where the first run ended, far below a fresh start.
+    assert warm.losses[0] < 0.7 * fresh_loss, (warm.losses[0], fresh_loss)
+    assert warm.losses[0] < 1.5 * np.mean(first.losses[-5:]), (warm.losses[0], first.losses[-5:])
+    meta = json.loads((tmp_path / "warm" / "gate_config.json").read_text())
+    assert meta["extra"]["init_gates"] == str(tmp_path / "first")
+    with pytest.raises(DistillError, match="init_gates=.*other settings.*d_gate"):
+        distill(settings(tmp_path / "other", steps=2, d_gate=16, init_gates=str(tmp_path / "first")), model=peaky_model(), data=data)
+    with pytest.raises(DistillError, match="init_gates=.*not a directory"):
+        distill(settings(tmp_path / "none", steps=2, init_gates=str(tmp_path / "missing")), model=peaky_model(), data=data)

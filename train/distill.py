@@ -58,6 +58,7 @@ class DistillSettings:
     implementation: str | None = None
     mesh: str | None = None
     retrieval_docs: int = 0  # synthetic passkey / key-value / copy documents mixed into the data
+    init_gates: str | None = None  # a gates directory to start from (warm start) instead of a random init
     progress: bool = True
 
     def __post_init__(self):
@@ -158,6 +159,20 @@ class DistillResult:
     optimizer_bytes: int
 
 
+def _warm_start(model, gate_config: GateConfig, gates_dir: str) -> None:
+    """Overwrites the freshly attached gates with trained ones, which must have this run's gate settings."""
+    from seerjax.gates_io import load_gates
+
+    if not os.path.isdir(gates_dir):
+        raise DistillError(f"init_gates={gates_dir!r} is not a directory (expected a gates directory with gate_config.json)")
+    found = load_gates(model, gates_dir)
+    if found.to_dict() != gate_config.to_dict():
+        raise DistillError(
+            f"init_gates={gates_dir!r} holds gates made with other settings ({found.to_dict()}) than this run's "
+            f"({gate_config.to_dict()}); match --gate-heads, --d-gate, --gate-type and --block-size to them"
+        )
+
+
 def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
     """Trains AttnGates; resumes from `s.out` when a checkpoint is there. Returns the losses and sizes.
 
@@ -181,6 +196,8 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
     if data.seq_len != s.seq_len:
         raise DistillError(f"data packs sequences of {data.seq_len} tokens but seq_len={s.seq_len}")
     attach_gates(model, gate_config, seed=s.seed)
+    if s.init_gates:
+        _warm_start(model, gate_config, s.init_gates)
     graphdef, gates, frozen = nnx.split(model, GateParam, ...)
     tx = make_optimizer(s)
     mesh = shardings = None
@@ -268,7 +285,8 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
         s.out,
         model_gates(model),
         gate_config,
-        extra={"model": s.model, "data": s.data, "seq_len": s.seq_len, "steps": s.steps, "seed": s.seed},
+        extra={"model": s.model, "data": s.data, "seq_len": s.seq_len, "steps": s.steps, "seed": s.seed,
+               "init_gates": s.init_gates},
     )
     final = losses[-1] if losses else float("nan")
     return DistillResult(s.out, s.steps, final, losses, tree_bytes(gates), tree_bytes(opt_state))
