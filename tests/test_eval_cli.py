@@ -42,6 +42,15 @@ def test_distill_then_eval_every_method(tmp_path):
         assert 0 <= r["retrieval_prefill"] <= 1 and r["retrieval_prefill_by_length"]["256"] == r["retrieval_prefill"]
         if r["method"] == "dense" or r["density"] == 1.0:
             assert r["retrieval_prefill"] == r["retrieval"], r
+    # The recall ceiling (blocks picked by true attention mass, same budget) bounds every method at its density.
+    for r in records:
+        if r["method"] == "dense" or r["threshold"] is not None:
+            assert "recall_ceiling" not in r, r
+        else:
+            assert r["recall"] <= r["recall_ceiling"] + 1e-4 <= 1 + 2e-4, r
+    at = {r["method"]: r for r in records if r["density"] == 0.25 and r["threshold"] is None}
+    assert len({r["recall_ceiling"] for r in at.values()}) == 1, at
+    assert at["streaming"]["recall"] < at["streaming"]["recall_ceiling"] - 1e-3, at["streaming"]
     dense = next(r for r in records if r["method"] == "dense")
     for r in records:
         if r["density"] == 1.0:
@@ -50,6 +59,7 @@ def test_distill_then_eval_every_method(tmp_path):
     assert (tmp_path / "eval" / "ppl_vs_density.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "gate_vs_truth.png").stat().st_size > 1000
     assert "retrieval, dense decode" in (tmp_path / "eval" / "results.md").read_text()
+    assert "recall ceiling" in (tmp_path / "eval" / "results.md").read_text()
 
     # Selection options apply to every sparse method alike: keeping the first block and dense last rows can
     # only add blocks, so each method's achieved density rises above its plain TopK run.
