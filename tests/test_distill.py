@@ -241,3 +241,19 @@ def test_warm_start_continues_from_trained_gates_and_checks_their_settings(tmp_p
         distill(settings(tmp_path / "other", steps=2, d_gate=16, init_gates=str(tmp_path / "first")), model=peaky_model(), data=data)
     with pytest.raises(DistillError, match="init_gates=.*not a directory"):
         distill(settings(tmp_path / "none", steps=2, init_gates=str(tmp_path / "missing")), model=peaky_model(), data=data)
+
+
+def test_cli_flags_map_onto_settings_and_a_bad_skip_fraction_is_named():
+    import argparse
+
+    from seerjax.commands.distill import add_arguments, settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--model", "m", "--data", "d", "--seq-len", "256", "--steps", "3", "--out", "o"]
+    s = settings_from_args(p.parse_args(base))
+    assert s.skip_fraction == 0.25 and s.init_gates is None
+    s = settings_from_args(p.parse_args(base + ["--skip-fraction", "0", "--init-gates", "g"]))
+    assert s.skip_fraction == 0.0 and s.init_gates == "g"
+    with pytest.raises(DistillError, match=r"skip_fraction must be in \[0, 1\), got 1.0"):
+        settings_from_args(p.parse_args(base + ["--skip-fraction", "1.0"]))
