@@ -25,7 +25,7 @@ def test_rounds_reject_unknown_steps(script, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_kernels.py", "bench_prefill.py", "bench_gate.py", "bench_finetune.py", "tune_kernels.py"]
+    "script", ["bench_kernels.py", "bench_prefill.py", "bench_gate.py", "bench_finetune.py", "tune_kernels.py", "gap_by_position.py"]
 )
 def test_benchmarks_parse_their_arguments(script):
     p = subprocess.run([sys.executable, str(ROOT / "eval" / script), "--help"], capture_output=True, text=True,
@@ -75,3 +75,9 @@ def test_tune_kernels_rejects_a_malformed_tile_by_name():
     p = subprocess.run([sys.executable, str(ROOT / "eval" / "tune_kernels.py"), "pooled", "--rounds", "0"],
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert p.returncode == 2 and "--rounds must be >= 1, got 0" in p.stderr
+
+
+def test_gap_by_position_names_bad_edges():
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "gap_by_position.py"), "--model", "m", "--gates", "g",
+                        "--seq-len", "1024", "--edges", "0,2048"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 2 and "--edges must rise strictly from 0 and stay below --seq-len=1024, got '0,2048'" in p.stderr
