@@ -228,7 +228,7 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
 
         bar = tqdm(total=len(grid), desc="eval", unit="setting", dynamic_ncols=True)
     records = []
-    ceilings = {}  # the recall ceiling depends only on the selection options, not on the method
+    ceilings = {}  # density -> recall ceiling: the same for every method (the other selection options are the run's)
     os.makedirs(s.out, exist_ok=True)
     for method, density, threshold in grid:
         options = {"block_size": block_size, "implementation": s.implementation}
@@ -242,10 +242,9 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
         rec = _evaluate_setting(model, attention, options, sequences, retrieval, s, block_size)
         rec.update(method=method, density=density, threshold=threshold)
         if method != "dense" and threshold is None:
-            key = (density, s.keep_first, s.dense_last_rows)
-            if key not in ceilings:
-                ceilings[key] = recall_ceiling(model, options, sequences[: s.recall_sequences], block_size)
-            rec["recall_ceiling"] = ceilings[key]
+            if density not in ceilings:
+                ceilings[density] = recall_ceiling(model, options, sequences[: s.recall_sequences], block_size)
+            rec["recall_ceiling"] = ceilings[density]
         records.append(rec)
         if bar is not None:
             bar.set_postfix(method=method, density=density if threshold is None else f"thr {threshold}", ppl=f"{rec['ppl']:.3f}")

@@ -160,17 +160,18 @@ class DistillResult:
 
 
 def _warm_start(model, gate_config: GateConfig, gates_dir: str) -> None:
-    """Overwrites the freshly attached gates with trained ones, which must have this run's gate settings."""
-    from seerjax.gates_io import load_gates
+    """Attaches trained gates, which must have this run's gate settings (checked before the model is touched)."""
+    from seerjax.gates_io import load_gates, read_gate_config
 
     if not os.path.isdir(gates_dir):
         raise DistillError(f"init_gates={gates_dir!r} is not a directory (expected a gates directory with gate_config.json)")
-    found = load_gates(model, gates_dir)
+    found = read_gate_config(gates_dir)
     if found.to_dict() != gate_config.to_dict():
         raise DistillError(
             f"init_gates={gates_dir!r} holds gates made with other settings ({found.to_dict()}) than this run's "
             f"({gate_config.to_dict()}); match --gate-heads, --d-gate, --gate-type and --block-size to them"
         )
+    load_gates(model, gates_dir)
 
 
 def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
@@ -195,9 +196,10 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
         data = packed_from_source(s.data, load_tokenizer(s.model), s.seq_len, seed=s.seed, retrieval_docs=s.retrieval_docs)
     if data.seq_len != s.seq_len:
         raise DistillError(f"data packs sequences of {data.seq_len} tokens but seq_len={s.seq_len}")
-    attach_gates(model, gate_config, seed=s.seed)
     if s.init_gates:
         _warm_start(model, gate_config, s.init_gates)
+    else:
+        attach_gates(model, gate_config, seed=s.seed)
     graphdef, gates, frozen = nnx.split(model, GateParam, ...)
     tx = make_optimizer(s)
     mesh = shardings = None
