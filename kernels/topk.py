@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
@@ -39,9 +40,10 @@ def _from_order_key(key_i32):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _kth_of_keys(key, k: int):
-    """Per row of int32 keys `[R, N]`, the largest t with count(key >= t) >= k: the k-th largest key."""
-    kk = jnp.int32(k)
+def _kth_of_keys(key, k):
+    """Per row of int32 keys `[R, N]`, the largest t with count(key >= t) >= k: the k-th largest key.
+    `k` is an int or an int32 `[R]` (one budget per row)."""
+    kk = jnp.asarray(k, jnp.int32)
 
     def count_ge(t):
         return jnp.sum((key >= t[:, None]).astype(jnp.int32), axis=1)
@@ -54,14 +56,20 @@ def _kth_of_keys(key, k: int):
     return ans
 
 
-def kth_largest_jnp(x, k: int):
-    """The same bisection in plain jnp (reads `x` 32 times; the readable specification of the kernel)."""
+def kth_largest_jnp(x, k):
+    """The same bisection in plain jnp (reads `x` 32 times; the readable specification of the kernel).
+    `k`: an int, or an int array of shape `x.shape[:-1]`."""
     key = _order_key(x.astype(jnp.float32).reshape(-1, x.shape[-1]))
-    return _from_order_key(_kth_of_keys(key, k)).reshape(x.shape[:-1])
+    kk = k if isinstance(k, int) else jnp.asarray(k, jnp.int32).reshape(-1)
+    return _from_order_key(_kth_of_keys(key, kk)).reshape(x.shape[:-1])
 
 
 def _kernel(x_ref, o_ref, *, k: int):
     o_ref[...] = _from_order_key(_kth_of_keys(_order_key(x_ref[...]), k))
+
+
+def _kernel_row_k(x_ref, k_ref, o_ref):
+    o_ref[...] = _from_order_key(_kth_of_keys(_order_key(x_ref[...]), k_ref[...]))
 
 
 def _rows_per_program(n_pad: int) -> int:
@@ -69,9 +77,18 @@ def _rows_per_program(n_pad: int) -> int:
     return max(1, min(64, 8192 // n_pad))
 
 
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _kth_largest_pallas_rows(x, k, *, interpret: bool = False):
+    return _pallas_call(x, k, interpret)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "interpret"))
 def kth_largest_pallas(x, k: int, *, interpret: bool = False):
     """`lax.top_k(x, k)[0][..., -1]` for float `x` `[..., N]` (no NaN), as float32 `[...]`."""
+    return _pallas_call(x, k, interpret)
+
+
+def _pallas_call(x, k, interpret):
     lead, n = x.shape[:-1], x.shape[-1]
     rows = 1
     for d in lead:
@@ -82,38 +99,77 @@ def kth_largest_pallas(x, k: int, *, interpret: bool = False):
     flat = x.astype(jnp.float32).reshape(rows, n)
     # Padding below every real value (-inf) never changes a k-th largest with k <= N.
     flat = jnp.pad(flat, ((0, rows_pad - rows), (0, n_pad - n)), constant_values=-jnp.inf)
+    in_specs = [pl.BlockSpec((r, n_pad), lambda i: (i, 0))]
+    args = [flat]
+    if isinstance(k, int):
+        kernel = functools.partial(_kernel, k=k)
+    else:
+        # One budget per row, read beside the row (padding rows ask for the largest value).
+        kernel = _kernel_row_k
+        in_specs.append(pl.BlockSpec((r,), lambda i: (i,)))
+        args.append(jnp.pad(jnp.asarray(k, jnp.int32).reshape(rows), (0, rows_pad - rows), constant_values=1))
     out = pl.pallas_call(
-        functools.partial(_kernel, k=k),
+        kernel,
         grid=(rows_pad // r,),
-        in_specs=[pl.BlockSpec((r, n_pad), lambda i: (i, 0))],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((r,), lambda i: (i,)),
         out_shape=jax.ShapeDtypeStruct((rows_pad,), jnp.float32),
         compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="seerjax_kth_largest",
-    )(flat)
+    )(*args)
     return out[:rows].reshape(lead)
 
 
-def kth_largest(x, k: int, *, implementation: str | None = None):
+def _check_k(k, x):
+    n = x.shape[-1]
+    if isinstance(k, int) and not isinstance(k, bool):
+        if not 1 <= k <= n:
+            raise TopKError(f"k must be an int in [1, {n}] (the last axis of x), got {k!r}")
+        return
+    if isinstance(k, (bool, float)) or not hasattr(k, "shape") or not jnp.issubdtype(k.dtype, jnp.integer):
+        raise TopKError(f"k must be an int in [1, {n}] (the last axis of x) or an int array of shape {x.shape[:-1]}, got {k!r}")
+    if tuple(k.shape) != tuple(x.shape[:-1]):
+        raise TopKError(f"a per-row k must have the shape of x without its last axis {x.shape[:-1]}, got {k.shape}")
+    try:
+        lo, hi = int(np.min(k)), int(np.max(k))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # traced: the caller vouches for the range
+    if k.size and not (1 <= lo and hi <= n):
+        raise TopKError(f"every per-row k must be in [1, {n}] (the last axis of x), got values in [{lo}, {hi}]")
+
+
+def kth_largest(x, k, *, implementation: str | None = None):
     """The k-th largest value along the last axis (float32), for TopK block selection.
 
+    k: an int, or an int array of shape `x.shape[:-1]` with one budget per row.
     implementation: None (the Pallas kernel on GPU, `lax.top_k` elsewhere), "pallas", "pallas_interpret",
     "bisect" (the jnp bisection) or "top_k".
     """
-    n = x.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise TopKError(f"k must be an int in [1, {n}] (the last axis of x), got {k!r}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TopKError(f"x must be a float array, got dtype {x.dtype}")
+    _check_k(k, x)
     if implementation is None:
         implementation = "pallas" if jax.default_backend() == "gpu" else "top_k"
+    per_row = not isinstance(k, int)
     if implementation == "pallas":
-        return kth_largest_pallas(x, k)
+        return _kth_largest_pallas_rows(x, k) if per_row else kth_largest_pallas(x, k)
     if implementation == "pallas_interpret":
-        return kth_largest_pallas(x, k, interpret=True)
+        return _kth_largest_pallas_rows(x, k, interpret=True) if per_row else kth_largest_pallas(x, k, interpret=True)
     if implementation == "bisect":
         return kth_largest_jnp(x, k)
     if implementation == "top_k":
-        return lax.top_k(x.astype(jnp.float32), k)[0][..., -1]
+        if not per_row:
+            return lax.top_k(x.astype(jnp.float32), k)[0][..., -1]
+        kmax = x.shape[-1] if not _concrete(k) else int(np.max(k))
+        top = lax.top_k(x.astype(jnp.float32), kmax)[0]
+        return jnp.take_along_axis(top, jnp.asarray(k, jnp.int32)[..., None] - 1, axis=-1)[..., 0]
     raise TopKError(f"implementation must be None, 'pallas', 'pallas_interpret', 'bisect' or 'top_k', got {implementation!r}")
+
+
+def _concrete(k) -> bool:
+    try:
+        np.asarray(k)
+        return True
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False

@@ -24,6 +24,7 @@ from seerjax.selection import (
     quest_scores,
     select_blocks,
     streaming_scores,
+    row_budgets,
     topk_budget,
     vertical_slash_scores,
 )
@@ -43,8 +44,38 @@ def test_topk_density_matches_target_and_is_causal_with_diagonal(density):
     assert np.diagonal(mask, axis1=2, axis2=3).all()
     got = float(achieved_density(jnp.asarray(mask)).mean())
     assert abs(got - density) < 0.05, got
-    k = topk_budget(density, NQ)
-    assert (mask.sum(-1) <= np.minimum(np.arange(1, NQ + 1), k + 1)).all()
+    k, r = row_budgets(density, NQ, NQ)
+    want = np.minimum(np.arange(1, NQ + 1), k) + (np.arange(NQ) >= NQ - r)
+    np.testing.assert_array_equal(mask.sum(-1), np.broadcast_to(want, mask.shape[:-1]))
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(128, 128, True), (32, 32, True), (20, 56, True), (33, 33, False), (7, 7, True)])
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.1, 0.03])
+def test_topk_budgets_add_up_to_the_density_exactly(nq, nk, causal, density):
+    """The seed's floored per-row budget achieves 0.092 at 128 blocks and 0.06 at 32; the budgets now add
+    up to floor(density x visible blocks) (at least one per row), the forced diagonal and sink included."""
+    seen = np.asarray(causal_blocks(nq, nk, causal)).sum(-1)
+    target = max(nq, int(np.floor(density * seen.sum() + 1e-9)))
+    k, r = row_budgets(density, nq, nk, causal)
+    budget = np.minimum(seen, k + (np.arange(nq) >= nq - r))
+    assert budget.sum() == target
+    for keep_first in (False, True):
+        cfg = SelectionConfig(density=density, keep_first=keep_first)
+        mask = np.asarray(select_blocks(_scores(nq=nq, nk=nk), cfg, causal=causal))
+        # Only where a row's budget is below its forced blocks (the diagonal and the sink) does it keep more.
+        forced = 1 + (keep_first & (np.arange(nq) + nk - nq != 0))  # the sink may be the diagonal
+        np.testing.assert_array_equal(mask.sum(-1), np.broadcast_to(np.maximum(budget, forced), mask.shape[:-1]))
+        assert np.diagonal(mask, offset=nk - nq, axis1=2, axis2=3).all()
+        if keep_first:
+            assert mask[..., 0].all()
+    assert 0 <= r < nq and k >= 1
+    if causal and nq == nk and density == 0.1 and nq == 128:
+        assert (k, topk_budget(density, nq)) == (6, 6) and r == 72  # the seed leaves 72 blocks per head unused
+
+
+def test_row_budgets_bad_density_is_named():
+    with pytest.raises(SelectionError, match="density must be in"):
+        row_budgets(0.0, 8, 8)
 
 
 def test_density_one_selects_every_visible_block_and_tail_options():
@@ -119,7 +150,8 @@ def test_baseline_scores_select_causally_at_matched_density(density):
         got = float(achieved_density(jnp.asarray(mask)).mean())
         assert abs(got - density) < 0.06, (name, got)
     stream = np.asarray(select_blocks(sources["streaming"], SelectionConfig(density=density)))
-    assert stream[..., 0].all()  # the sink
+    rows = stream.sum(-1) >= 2  # the rows whose budget holds more than the diagonal keep the sink
+    assert rows.any() and stream[..., 0][rows].all()
 
 
 def test_oracle_recall_is_one_at_full_density_and_falls_monotonically():

@@ -78,6 +78,37 @@ def test_select_blocks_same_mask_on_every_path(density, causal):
         np.testing.assert_array_equal(m, masks[0])
 
 
+@settings(max_examples=min(25, _CAP), deadline=None)
+@given(
+    rows=st.integers(1, 70),
+    n=st.integers(1, 200),
+    kind=st.sampled_from(["normal", "ties", "masked", "signs"]),
+    seed=st.integers(0, 2**16),
+)
+def test_per_row_k_equals_top_k_row_by_row(rows, n, kind, seed):
+    """One budget per row (TopK selection gives the last rows one block more)."""
+    rng = np.random.default_rng(seed)
+    x = _scores(rng, (rows, n), kind)
+    k = rng.integers(1, n + 1, size=rows).astype(np.int32)
+    full = np.asarray(jax.lax.top_k(x, n)[0])
+    want = full[np.arange(rows), k - 1]
+    for impl in ("pallas_interpret", "bisect", "top_k"):
+        got = np.asarray(kth_largest(x, k, implementation=impl))
+        np.testing.assert_array_equal(got, want, err_msg=impl)
+    traced = jax.jit(lambda x, k: kth_largest(x, k, implementation="top_k"))(x, jnp.asarray(k))
+    np.testing.assert_array_equal(np.asarray(traced), want)
+
+
+def test_bad_per_row_k_is_named():
+    x = jnp.zeros((2, 3, 40))
+    with pytest.raises(TopKError, match="shape of x without its last axis"):
+        kth_largest(x, np.ones((2, 4), np.int32))
+    with pytest.raises(TopKError, match=r"values in \[0, 1\]"):
+        kth_largest(x, np.array([[0, 1, 1], [1, 1, 1]], np.int32))
+    with pytest.raises(TopKError, match="int array"):
+        kth_largest(x, np.ones((2, 3), np.float32))
+
+
 @pytest.mark.parametrize("bad_k", [0, 41, 2.5, True])
 def test_bad_k_is_named(bad_k):
     with pytest.raises(TopKError, match="k must be an int in"):
@@ -100,6 +131,12 @@ def test_kernel_lowers_for_cuda_at_production_shapes(t):
     lowered = jax.jit(lambda s: kth_largest_pallas(s, k)).trace(scores).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == 1
+    # The selection's per-row budgets (k for most rows, k + 1 for the last ones) take the same kernel.
+    per_row = np.where(np.arange(nb) >= nb // 2, k + 1, k).astype(np.int32)
+    per_row = np.broadcast_to(per_row, (1, 32, nb))
+    lowered = jax.jit(lambda s: kth_largest(s, per_row, implementation="pallas")).trace(scores).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("@__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == 1
 
 
 @pytest.mark.gpu
@@ -110,3 +147,7 @@ def test_compiled_kernel_equals_top_k(shape):
     for k in (1, shape[-1] // 10 + 1, shape[-1]):
         want = jax.lax.top_k(x, k)[0][..., -1]
         np.testing.assert_array_equal(np.asarray(kth_largest(x, k, implementation="pallas")), np.asarray(want))
+    per_row = jax.random.randint(jax.random.key(1), shape[:-1], 1, shape[-1] + 1)
+    full = jax.lax.top_k(x, shape[-1])[0]
+    want = jnp.take_along_axis(full, per_row[..., None] - 1, axis=-1)[..., 0]
+    np.testing.assert_array_equal(np.asarray(kth_largest(x, per_row, implementation="pallas")), np.asarray(want))
