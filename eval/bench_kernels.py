@@ -24,7 +24,7 @@ from seerjax.eval.timing import median_ms, write_json
 
 
 def random_mask(key, b, h, nq, nk, density):
-    """Bool `[b, h, nq, nk]`: the diagonal plus random causal blocks at the seed's TopK budget."""
+    """Bool `[b, h, nq, nk]`: the diagonal plus random causal blocks at the TopK budget of `density`."""
     from seerjax.selection import SelectionConfig, select_blocks
 
     scores = jax.random.uniform(key, (b, h, nq, nk))
