@@ -78,7 +78,7 @@ def test_select_blocks_same_mask_on_every_path(density, causal):
         np.testing.assert_array_equal(m, masks[0])
 
 
-@settings(max_examples=min(25, _CAP), deadline=None)
+@settings(max_examples=min(8, _CAP), deadline=None)
 @given(
     rows=st.integers(1, 70),
     n=st.integers(1, 200),
