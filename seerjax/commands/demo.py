@@ -17,7 +17,7 @@ import time
 SCALES = {
     "cpu": dict(
         preset="mini", seq_len=512, pretrain_steps=140, pretrain_batch=6, pretrain_lr=4e-3, retrieval_docs=1500,
-        distill_steps=300, distill_batch=2, distill_lr=5e-3, distill_retrieval_docs=250, block_size=32,
+        distill_steps=300, distill_batch=2, distill_lr=5e-3, distill_retrieval_docs=250, block_size=16,
         d_gate=32, eval_sequences=4, retrieval_samples=2,
     ),
     # CI: the whole job in about a minute, to test the command itself (no quality).
