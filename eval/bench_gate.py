@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from seerjax.config import RopeConfig
     from seerjax.gate import AttnGate, GateConfig, pool_blocks
     from seerjax.rope import apply_rope, rope_frequencies
-    from seerjax.selection import SelectionConfig, row_budgets, select_blocks
+    from seerjax.selection import SelectionConfig, row_k, select_blocks
 
     layers, hq, hkv, d, bs = 32, 32, 8, 128, 64
     gcfg = GateConfig(num_layers=1, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs, d_gate=128,
@@ -55,9 +55,10 @@ def main(argv=None) -> int:
         q = jax.random.normal(jax.random.key(1), (1, t, hq, d), jnp.bfloat16)
         k = jax.random.normal(jax.random.key(2), (1, t, hkv, d), jnp.bfloat16)
         n = -(-t // bs)
-        k0, r = row_budgets(args.density, n, n)  # the selection's per-row budgets: k0, and k0 + 1 in the last r rows
-        kk = k0 if r == 0 else np.broadcast_to(np.where(np.arange(n) >= n - r, k0 + 1, k0).astype(np.int32), (1, hq if args.gate_heads == "query" else hkv, n))
         logits = jax.jit(lambda q, k: gate(q, k, rope=rope))(q, k)
+        kk = row_k(args.density, n, n)  # the selection's per-row budgets
+        if not isinstance(kk, int):
+            kk = np.broadcast_to(kk, logits.shape[:-1])
         mask = jax.jit(lambda s: select_blocks(s, sel))(logits)
         full = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]
         steps = {

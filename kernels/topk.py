@@ -121,12 +121,13 @@ def _pallas_call(x, k, interpret):
     return out[:rows].reshape(lead)
 
 
-def _check_k(k, x):
+def _check_k(k, x) -> int | None:
+    """Raise a TopKError for a bad k; return the largest k when it is known (an int or a concrete array)."""
     n = x.shape[-1]
     if isinstance(k, int) and not isinstance(k, bool):
         if not 1 <= k <= n:
             raise TopKError(f"k must be an int in [1, {n}] (the last axis of x), got {k!r}")
-        return
+        return k
     if isinstance(k, (bool, float)) or not hasattr(k, "shape") or not jnp.issubdtype(k.dtype, jnp.integer):
         raise TopKError(f"k must be an int in [1, {n}] (the last axis of x) or an int array of shape {x.shape[:-1]}, got {k!r}")
     if tuple(k.shape) != tuple(x.shape[:-1]):
@@ -134,9 +135,10 @@ def _check_k(k, x):
     try:
         lo, hi = int(np.min(k)), int(np.max(k))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # traced: the caller vouches for the range
+        return None  # traced: the caller vouches for the range
     if k.size and not (1 <= lo and hi <= n):
         raise TopKError(f"every per-row k must be in [1, {n}] (the last axis of x), got values in [{lo}, {hi}]")
+    return hi
 
 
 def kth_largest(x, k, *, implementation: str | None = None):
@@ -148,7 +150,7 @@ def kth_largest(x, k, *, implementation: str | None = None):
     """
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TopKError(f"x must be a float array, got dtype {x.dtype}")
-    _check_k(k, x)
+    kmax = _check_k(k, x)
     if implementation is None:
         implementation = "pallas" if jax.default_backend() == "gpu" else "top_k"
     per_row = not isinstance(k, int)
@@ -161,15 +163,6 @@ def kth_largest(x, k, *, implementation: str | None = None):
     if implementation == "top_k":
         if not per_row:
             return lax.top_k(x.astype(jnp.float32), k)[0][..., -1]
-        kmax = x.shape[-1] if not _concrete(k) else int(np.max(k))
-        top = lax.top_k(x.astype(jnp.float32), kmax)[0]
+        top = lax.top_k(x.astype(jnp.float32), x.shape[-1] if kmax is None else kmax)[0]
         return jnp.take_along_axis(top, jnp.asarray(k, jnp.int32)[..., None] - 1, axis=-1)[..., 0]
     raise TopKError(f"implementation must be None, 'pallas', 'pallas_interpret', 'bisect' or 'top_k', got {implementation!r}")
-
-
-def _concrete(k) -> bool:
-    try:
-        np.asarray(k)
-        return True
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return False

@@ -114,6 +114,13 @@ def row_budgets(density: float, nq: int, nk: int, causal: bool = True) -> tuple[
     return k, r
 
 
+def row_k(density: float, nq: int, nk: int, causal: bool = True):
+    """The TopK budget of each row as :func:`kth_largest` takes it: an int when every row has the same,
+    else an int32 `[nq]` (`k`, and `k + 1` in the last `r` rows of :func:`row_budgets`)."""
+    k, r = row_budgets(density, nq, nk, causal)
+    return k if r == 0 else np.where(np.arange(nq) >= nq - r, k + 1, k).astype(np.int32)
+
+
 def _finish(mask, nq, nk, cfg: SelectionConfig, causal: bool, key_blocks_valid=None):
     allowed = causal_blocks(nq, nk, causal)[None, None]
     if key_blocks_valid is not None:
@@ -161,8 +168,8 @@ def select_blocks(
     if cfg.threshold is not None:
         mask = scores > cfg.threshold
     else:
-        k, r = row_budgets(cfg.density, nq, nk, causal)
-        if k >= nk:
+        kk = row_k(cfg.density, nq, nk, causal)
+        if isinstance(kk, int) and kk >= nk:  # (a per-row k means some rows keep fewer than nk)
             mask = jnp.ones(scores.shape, bool)
         else:
             # The forced blocks (the diagonal, the sink with keep_first) count toward each row's budget:
@@ -174,12 +181,9 @@ def select_blocks(
             # The k-th largest score per row; ties at it may keep a few more than k (never fewer). A full
             # sort to break ties would cost more than the gate itself at 128k tokens; on GPU even XLA's
             # top_k sorts, so a Pallas kernel finds the k-th value by bisection in registers.
-            impl = _KTH_IMPL.get(implementation, implementation)
-            if r == 0:
-                kth = kth_largest(scores, k, implementation=impl)
-            else:
-                per_row = np.where(np.arange(nq) >= nq - r, min(k + 1, nk), k).astype(np.int32)
-                kth = kth_largest(scores, np.broadcast_to(per_row, (b, h, nq)), implementation=impl)
+            if not isinstance(kk, int):
+                kk = np.broadcast_to(kk, (b, h, nq))
+            kth = kth_largest(scores, kk, implementation=_KTH_IMPL.get(implementation, implementation))
             mask = scores >= kth[..., None]
     return _finish(mask, nq, nk, cfg, causal, key_blocks_valid)
 

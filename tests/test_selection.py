@@ -22,9 +22,9 @@ from seerjax.selection import (
     causal_blocks,
     moba_scores,
     quest_scores,
+    row_budgets,
     select_blocks,
     streaming_scores,
-    row_budgets,
     topk_budget,
     vertical_slash_scores,
 )
