@@ -97,7 +97,28 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1) -> list[dict]:
     return rows
 
 
-def sweep_hopper(t: int, densities) -> list[dict]:
+def parse_launches(text: str) -> list[dict]:
+    """`"c2,c2-pp,c1-pair-early-noab-s3"` → launch keyword dicts of `block_sparse_attention_hopper`: `cN`
+    consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
+    next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab."""
+    out = []
+    for item in filter(None, text.split(",")):
+        launch = {}
+        for part in item.replace("fast", "pair-early-noab").split("-"):
+            if part[:1] in "cts" and part[1:].isdigit():
+                launch[{"c": "consumers", "t": "tiles_per_wg", "s": "stages"}[part[0]]] = int(part[1:])
+            elif part in ("pp", "pair", "early", "noab"):
+                launch[{"pp": "pingpong", "pair": "pair_blocks", "early": "early_wait", "noab": "auto_barriers"}[part]] = (
+                    part != "noab")
+            else:
+                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, pp, pair, early, noab or fast")
+        out.append(launch)
+    return out
+
+
+def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds: int = 1) -> list[dict]:
+    """The Mosaic GPU forward's launch options against the Triton kernel on the same mask (and, with `launches`,
+    cuDNN's dense forward in the same process, each of `rounds` rounds timing everything once)."""
     from seerjax.eval.bench_kernels import random_mask
     from seerjax.kernels.block_sparse import block_sparse_attention_pallas
     from seerjax.kernels.checks import check_attention_inputs
@@ -106,6 +127,27 @@ def sweep_hopper(t: int, densities) -> list[dict]:
     q, k, v = _inputs(t)
     shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
     rows = []
+    if launches is not None:
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        fns = {}
+        for name, dens in itertools.product(masks, densities):
+            mask = random_mask(jax.random.key(3), 1, HQ if name == "query" else HKV, t // BS, t // BS, dens)
+            fns[(name, dens, "triton")] = (jax.jit(lambda q, k, v, m: block_sparse_attention_pallas(
+                q, k, v, m, shape, interpret=False)), mask)
+            for launch in launches:
+                key = "-".join(f"{a}={b}" for a, b in sorted(launch.items()))
+                fns[(name, dens, key)] = (jax.jit(lambda q, k, v, m, launch=launch: block_sparse_attention_hopper(
+                    q, k, v, m, shape, **launch)), mask)
+        for r in range(rounds):
+            base = _time(cudnn, q, k, v)
+            rows.append({"kernel": "cudnn", "density": 1.0, "ms": base, "round": r})
+            print(f"round {r} cuDNN dense: {base:.3f} ms", flush=True)
+            for (name, dens, key), (fn, mask) in fns.items():
+                ms = _time(fn, q, k, v, mask)
+                rows.append({"kernel": "triton" if key == "triton" else "hopper", "mask": name, "density": dens,
+                             "launch": key, "ms": ms, "speedup": base / ms, "round": r})
+                print(f"round {r} {name:5s} d={dens:<4} {key}: {ms:.3f} ms ({base / ms:.2f}x cuDNN)", flush=True)
+        return rows
     for mask_heads, dens in itertools.product((HQ, HKV), densities):
         mask = random_mask(jax.random.key(3), 1, mask_heads, t // BS, t // BS, dens)
         name = "query" if mask_heads == HQ else "kv"
@@ -169,6 +211,10 @@ def main(argv=None) -> int:
     p.add_argument("--densities", default="0.1,0.5", help="hopper and backward only")
     p.add_argument("--tiles", default=None, help="pooled only: these tiles, e.g. 128x64x4x2,128x64x8x3 (default: all)")
     p.add_argument("--rounds", type=int, default=1, help="pooled only: time cuDNN and every tile this many times")
+    p.add_argument("--launches", default=None,
+                   help="hopper only: these launches (e.g. c2,c2-pp,c2-fast; see parse_launches) with cuDNN in the same "
+                   "rounds, instead of the full stages/consumers/tiles/pingpong grid")
+    p.add_argument("--masks", default="query,kv", help="hopper --launches only: mask kinds (query, kv)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -176,7 +222,11 @@ def main(argv=None) -> int:
     if args.kernel == "pooled":
         rows = sweep_pooled(args.length, parse_tiles(args.tiles) if args.tiles else None, args.rounds)
     elif args.kernel == "hopper":
-        rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")])
+        masks = tuple(filter(None, args.masks.split(",")))
+        if not set(masks) <= {"query", "kv"}:
+            p.error(f"--masks: expected query and/or kv, got {args.masks!r}")
+        rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")],
+                            parse_launches(args.launches) if args.launches else None, masks, args.rounds)
     else:
         rows = compare_backward(args.length, [float(x) for x in args.densities.split(",")])
     good = [r for r in rows if r["ms"] == r["ms"]]

@@ -102,6 +102,18 @@ class HopperPlan:
       emit_stats: also write, per query row, its max base-2 scaled logit of every listed key block
         (`[B, Hq, nk, T_pad]` float32) and its base-2 log-sum-exp (`[B, Hq, T_pad]`, -inf when the row sees
         nothing): what the one-pass pooled map is made of (:func:`attention_with_pooling_hopper`).
+      pair_blocks: each loop step takes two list entries: the producer fetches both key blocks into the two
+        halves of one ring slot (two TMA copies on one barrier), and the compute warpgroups run S = Q Kᵀ on a
+        64 × 2·block tile and one P V product over both (FlashAttention-3's 128-key tiles from a 64-block mask:
+        half the barrier round trips and softmax reductions per FLOP). An odd count's last step fetches its
+        block twice and masks the second copy out. Block 64 only, one tile per warpgroup, no `emit_stats`.
+      early_wait: wait for the next step's K while this step's P V wgmma runs (FlashAttention-3's order),
+        instead of at the top of the next step.
+      auto_barriers: let Pallas put a warpgroup barrier around every shared-memory store and before every TMA
+        issue (its conservative default). The forward needs none of them: its only shared-memory stores are
+        the output tile, which `commit_smem` (a fence and a warpgroup barrier) orders before the TMA store, and
+        the ring's slots are guarded by the free/ready mbarriers. `emit_stats` keeps them (its stage buffer is
+        rewritten after a store that only the issuing thread waits for).
     """
 
     shape: AttentionShape
@@ -112,6 +124,14 @@ class HopperPlan:
     tiles_per_wg: int = 1
     pingpong: bool = False
     emit_stats: bool = False
+    pair_blocks: bool = False
+    early_wait: bool = False
+    auto_barriers: bool = True
+
+    @property
+    def per_step(self) -> int:
+        """List entries (key blocks) per loop step: 2 with `pair_blocks`, else 1."""
+        return 2 if self.pair_blocks else 1
 
     @property
     def share(self) -> int:
@@ -145,7 +165,7 @@ class HopperPlan:
 def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
-    emit_stats: bool = False,
+    emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -169,13 +189,25 @@ def make_hopper_plan(
         )
     if emit_stats and tiles_per_wg != 1:
         raise ValueError(f"emit_stats needs tiles_per_wg=1, got {tiles_per_wg}")
-    return HopperPlan(shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats))
+    if pair_blocks and (shape.block_size != 64 or tiles_per_wg != 1 or emit_stats):
+        raise ValueError(
+            f"pair_blocks needs block_size 64, tiles_per_wg=1 and no emit_stats; got block_size {shape.block_size}, "
+            f"tiles_per_wg={tiles_per_wg}, emit_stats={emit_stats}"
+        )
+    if auto_barriers is None:
+        auto_barriers = True
+    if emit_stats and not auto_barriers:
+        raise ValueError("emit_stats needs auto_barriers=True (its stage buffer relies on them)")
+    return HopperPlan(
+        shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
+        bool(pair_blocks), bool(early_wait), bool(auto_barriers),
+    )
 
 
 def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
     """Shared memory of one CTA: Q/O tiles plus the K and V rings (barriers ignored)."""
     d, bs = plan.shape.head_dim, plan.shape.block_size
-    return itemsize * (plan.tiles_per_cta * WG_ROWS * d + 2 * plan.stages * bs * d)
+    return itemsize * (plan.tiles_per_cta * WG_ROWS * d + 2 * plan.stages * plan.per_step * bs * d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,14 +253,19 @@ def dot_nt(a_ref, b_ref, interpreted: bool, after_issue=None):
     return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
 
 
-def acc_dot(acc, a, b_ref, interpreted: bool):
-    """acc `[m, d]` += a `[m, k]` (registers) · b `[k, d]` (shared memory). The CPU interpreter's wgmma takes
-    no register operand: there a plain dot."""
+def acc_dot(acc, a, b_ref, interpreted: bool, after_issue=None):
+    """acc `[m, d]` += a `[m, k]` (registers) · b `[k, d]` (shared memory); `after_issue` runs while the wgmma
+    does. The CPU interpreter's wgmma takes no register operand: there a plain dot."""
     if interpreted:
-        return acc + lax.dot_general(a, b_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        out = acc + lax.dot_general(a, b_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        if after_issue is not None:
+            after_issue()
+        return out
 
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a, b_ref)
+        if after_issue is not None:
+            after_issue()
 
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
@@ -242,14 +279,16 @@ def kv_streams(k_ref, v_ref, b, kv_head, bs: int, k_ring, v_ring):
     return [stream(k_ref, k_ring), stream(v_ref, v_ring)]
 
 
-def ring_producer(count, stages: int, block_at, streams) -> None:
-    """The producer warpgroup of a TMA ring of `stages` slots, walking `count` list entries.
+def ring_producer(count, stages: int, block_at, streams, rows: int | None = None) -> None:
+    """The producer warpgroup of a TMA ring of `stages` slots, walking `count` steps.
 
-    For entry `it` (block `block_at(it)`), each stream `(free, copies)` first waits until the consumers released
+    For step `it` (block `block_at(it)`), each stream `(free, copies)` first waits until the consumers released
     the slot's previous contents (`free`, from the second round on), then issues its copies `(src, ring, ready)`:
-    `src(block)` (a global-memory ref) into `ring.at[slot]`, completing on `ready.at[slot]`. At the end it
-    observes the last releases too, so every barrier phase is waited on before the CTA's barriers go away (the
-    interpreter checks this; on the GPU it costs the idle producer only)."""
+    `src(block)` (a global-memory ref) into `ring.at[slot]`, completing on `ready.at[slot]`. With `rows`,
+    `block_at(it)` gives a tuple of blocks and block e goes to rows `[e·rows, (e+1)·rows)` of the slot (one
+    barrier arrival per copy). At the end it observes the last releases too, so every barrier phase is waited
+    on before the CTA's barriers go away (the interpreter checks this; on the GPU it costs the idle producer
+    only)."""
 
     @pl.loop(0, count)
     def _fetch(it):
@@ -262,7 +301,11 @@ def ring_producer(count, stages: int, block_at, streams) -> None:
                 plgpu.barrier_wait(free.at[slot])
 
             for src, ring, ready in copies:
-                plgpu.copy_gmem_to_smem(src(block), ring.at[slot], ready.at[slot])
+                if rows is None:
+                    plgpu.copy_gmem_to_smem(src(block), ring.at[slot], ready.at[slot])
+                else:
+                    for e, blk in enumerate(block):
+                        plgpu.copy_gmem_to_smem(src(blk), ring.at[slot, pl.ds(e * rows, rows)], ready.at[slot])
 
     @pl.loop(jnp.maximum(count - stages, 0), count)
     def _drain(it):
@@ -304,6 +347,12 @@ def _kernel_body(
 
     count = spans_ref[b, mhead, qblk, 2]
     n_full = spans_ref[b, mhead, qblk, 1]  # lo == 0 for row lists: [0, hi) full, [hi, count) masked
+    per_step = plan.per_step
+    kw = per_step * bs  # keys per loop step
+    if per_step == 1:
+        n_steps, full_steps = count, n_full
+    else:  # pairs of list entries; a pair with a masked entry, or the odd count's last (padded) one, is masked
+        n_steps, full_steps = lax.div(count + 1, jnp.int32(2)), lax.div(n_full, jnp.int32(2))
 
     @pl.when(wg < consumers)
     def _compute():
@@ -329,10 +378,16 @@ def _kernel_body(
         scale2 = jnp.float32(sh.sm_scale * LOG2_E)
         offset = sh.kv_len - sh.q_len
 
+        def key_columns(start):
+            if per_step == 1:
+                return iota((WG_ROWS, bs), 1) + start
+            c = iota((WG_ROWS, kw), 1)  # two blocks side by side: columns from each one's start
+            return jnp.where(c < bs, c + start[0], c + (start[1] - bs))
+
         def softmax_update(s, row0, start, acc, m_prev, l_prev, masked: bool):
             if masked:
-                rows = iota((WG_ROWS, bs), 0) + row0
-                cols = iota((WG_ROWS, bs), 1) + start
+                rows = iota((WG_ROWS, kw), 0) + row0
+                cols = key_columns(start)
                 vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
                 s = jnp.where(vis, s, -jnp.inf)
             block_max = s.max(axis=1) * scale2
@@ -347,10 +402,25 @@ def _kernel_body(
             l_next = l_prev * alpha + p.sum(axis=1)
             return p.astype(dtype), acc, m_next, l_next, block_max
 
+        def wait_next_k(it):  # early_wait: the next step's K, while this step's P V wgmma runs
+            @pl.when(it + 1 < n_steps)
+            def _():
+                plgpu.barrier_wait(k_ready.at[lax.rem(it + 1, jnp.int32(stages))])
+
+        def step_start(it):
+            if per_step == 1:
+                return lists_ref[b, mhead, qblk, it] * bs
+            e0 = it * 2
+            first = lists_ref[b, mhead, qblk, e0] * bs
+            second = lists_ref[b, mhead, qblk, lax.min(e0 + 1, count - 1)] * bs
+            # No second entry: its columns start far past any valid length, so they are all masked out.
+            return first, jnp.where(e0 + 1 < count, second, jnp.int32(1 << 30))
+
         def step(it, carry, masked: bool):
             slot = lax.rem(it, jnp.int32(stages))
-            plgpu.barrier_wait(k_ready.at[slot])
-            start = lists_ref[b, mhead, qblk, it] * bs if masked else None
+            if not plan.early_wait:
+                plgpu.barrier_wait(k_ready.at[slot])
+            start = step_start(it) if masked else None
             # Tile by tile: S = Q Kᵀ, then its softmax update right away, so only one float32 S tile is live
             # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
             updated = []
@@ -374,8 +444,9 @@ def _kernel_body(
             else:
                 plgpu.barrier_wait(v_ready.at[slot])
             new_carry = []
-            for p16, acc, m_next, l_next in updated:
-                new_carry.append((acc_dot(acc, p16, v_smem.at[slot], interpreted), m_next, l_next))
+            for j, (p16, acc, m_next, l_next) in enumerate(updated):
+                hook = functools.partial(wait_next_k, it) if plan.early_wait and j == len(updated) - 1 else None
+                new_carry.append((acc_dot(acc, p16, v_smem.at[slot], interpreted, after_issue=hook), m_next, l_next))
             plgpu.barrier_arrive(v_free.at[slot])
             return tuple(new_carry)
 
@@ -387,11 +458,15 @@ def _kernel_body(
             )
             for _ in tiles
         )
+        if plan.early_wait:  # the first step's K (later ones are waited for inside the previous step)
+            @pl.when(n_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[0])
         if plan.pingpong:  # the second warpgroup starts half a step behind the first
             pl.when(wg == 1)(schedule_point)
-        if plan.any_masked:
-            carry = lax.fori_loop(0, n_full, functools.partial(_call_step, step, False), carry)
-            carry = lax.fori_loop(n_full, count, functools.partial(_call_step, step, True), carry)
+        if plan.any_masked or per_step > 1:
+            carry = lax.fori_loop(0, full_steps, functools.partial(_call_step, step, False), carry)
+            carry = lax.fori_loop(full_steps, n_steps, functools.partial(_call_step, step, True), carry)
         else:
             carry = lax.fori_loop(0, count, functools.partial(_call_step, step, False), carry)
         if plan.pingpong:  # ... and the first one ends with the matching extra arrival
@@ -413,8 +488,14 @@ def _kernel_body(
         if consumers == 2:
             plgpu.set_max_registers(40, action="decrease")
 
-        ring_producer(count, stages, lambda it: lists_ref[b, mhead, qblk, it], kv_streams(
-            k_ref, v_ref, b, kv_head, bs, (k_smem, k_ready, k_free), (v_smem, v_ready, v_free)))
+        streams = kv_streams(k_ref, v_ref, b, kv_head, bs, (k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
+        if per_step == 1:
+            ring_producer(count, stages, lambda it: lists_ref[b, mhead, qblk, it], streams)
+        else:
+            def pair_at(it):  # an odd count's last step fetches its block twice (the copy is masked out)
+                return (lists_ref[b, mhead, qblk, 2 * it], lists_ref[b, mhead, qblk, lax.min(2 * it + 1, count - 1)])
+
+            ring_producer(n_steps, stages, pair_at, streams, rows=bs)
 
 
 def _call_step(step, masked, it, carry):
@@ -447,12 +528,12 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
             ),
             (
                 plgpu.SMEM((plan.tiles_per_cta, WG_ROWS, d), dtype, transforms=transforms),
-                plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
-                plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+                plgpu.SMEM((stages, plan.per_step * bs, d), dtype, transforms=transforms),
+                plgpu.SMEM((stages, plan.per_step * bs, d), dtype, transforms=transforms),
             ),
             (
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=plan.per_step, num_barriers=stages),  # one arrival per TMA copy
+                plgpu.Barrier(num_arrivals=plan.per_step, num_barriers=stages),
                 plgpu.Barrier(num_barriers=plan.tiles_per_cta),
             ),
             (
@@ -479,7 +560,9 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
         grid_names=("q", "h", "b"),
         num_threads=consumers + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, **({} if plan.auto_barriers else {"unsafe_no_auto_barriers": True})
+        ),
         **({} if interpret is None else {"interpret": interpret}),
     )
     return kernel(lists, spans, valid, q, k, v)
@@ -502,7 +585,8 @@ def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None)
 
 def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
-    consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False, interpret=None,
+    consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
+    pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
 
@@ -510,8 +594,8 @@ def block_sparse_attention_hopper(
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
-      stages, consumers, tiles_per_wg, pingpong: launch shape (tuning; see :class:`HopperPlan`); None picks
-        defaults.
+      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers: launch shape and
+        schedule (tuning; see :class:`HopperPlan`); None picks defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
 
@@ -528,7 +612,7 @@ def block_sparse_attention_hopper(
         )
     plan = make_hopper_plan(
         shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
-        pingpong=pingpong,
+        pingpong=pingpong, pair_blocks=pair_blocks, early_wait=early_wait, auto_barriers=auto_barriers,
     )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)

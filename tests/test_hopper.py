@@ -56,11 +56,11 @@ def _lower(q, kv, lengths, shape, mask_heads, monkeypatch, **launch):
     return lowered.as_text(), modules
 
 
-def _check_module(stablehlo: str, modules: list, shape, dtype: str):
+def _check_module(stablehlo: str, modules: list, shape, dtype: str, keys_per_step: int | None = None):
     assert stablehlo.count("custom_call @mosaic_gpu") == 1
     assert len(modules) == 1
     (module,) = modules
-    d, bs = shape.head_dim, shape.block_size
+    d, bs = shape.head_dim, keys_per_step or shape.block_size
     wgmma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\.", module)
     shapes = {m for m, _ in wgmma}
     assert f"m64n{bs}k16" in shapes, shapes  # S = Q K^T: 64 rows x block keys
@@ -128,6 +128,17 @@ def test_pingpong_lowers_for_cuda_at_production_shape(monkeypatch):
     _check_module(text, modules, sh, "bf16")
 
 
+@pytest.mark.parametrize("mask_heads", [8, 32])
+def test_paired_blocks_and_fast_schedule_lower_for_cuda_at_production_shape(mask_heads, monkeypatch):
+    """128-key steps from two 64-blocks, the next K waited for under P V, no automatic barriers."""
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
+    launch = dict(pair_blocks=True, early_wait=True, auto_barriers=False)
+    text, modules = _lower(q, kv, n, sh, mask_heads, monkeypatch, **launch)
+    _check_module(text, modules, sh, "bf16", keys_per_step=128)  # S = Q Kᵀ over 128 keys
+    plan = hopper.make_hopper_plan(sh, mask_heads, False, **launch)
+    assert plan.per_step == 2 and hopper.smem_bytes(plan) <= 227 * 1024
+
+
 def test_two_tiles_per_warpgroup_lower_for_cuda_at_production_shape(monkeypatch):
     """Per-KV-head masks with all 4 heads of a group in one CTA (2 warpgroups × 2 tiles): one K/V stream."""
     q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
@@ -173,6 +184,17 @@ def test_stages_and_consumers_options(monkeypatch):
         hopper.make_hopper_plan(sh, 2, False, consumers=1, pingpong=True)
     with pytest.raises(ValueError, match="pingpong"):
         hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2, pingpong=True)
+    with pytest.raises(ValueError, match="pair_blocks"):
+        hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2, pair_blocks=True)
+    with pytest.raises(ValueError, match="pair_blocks"):
+        hopper.make_hopper_plan(sh, 2, False, emit_stats=True, pair_blocks=True)
+    with pytest.raises(ValueError, match="auto_barriers"):
+        hopper.make_hopper_plan(sh, 2, False, emit_stats=True, auto_barriers=False)
+    _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
+    with pytest.raises(ValueError, match="pair_blocks"):
+        hopper.make_hopper_plan(sh128, 2, False, pair_blocks=True)
+    plan = hopper.make_hopper_plan(sh, 2, False, consumers=2, pair_blocks=True)
+    assert hopper.smem_bytes(plan) == 2 * (2 * 64 * 128 + 2 * 2 * 2 * 64 * 128)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +226,45 @@ INTERPRET_CASES = [
     # ..., pingpong: the two compute warpgroups take turns on the tensor cores
     pytest.param((1, 200, 200, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5, None, 2, 1, True), id="pingpong"),
 ]
+
+
+# The schedule options (pair_blocks: two list entries per step, an odd count's last one padded and masked;
+# early_wait; no automatic barriers), alone and together with the launch options.
+FAST = dict(pair_blocks=True, early_wait=True, auto_barriers=False)
+SCHEDULE_CASES = [
+    pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), FAST, id="kv-mask-lengths-fast"),
+    pytest.param((1, 256, 256, 2, 2, 64, 64, False, False, "float16", False, 0.6), dict(pair_blocks=True),
+                 id="unmasked-odd-counts-paired"),
+    pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", True, 0.5), dict(early_wait=True, stages=3),
+                 id="q-mask-early-wait"),
+    pytest.param((1, 200, 200, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), dict(FAST, consumers=2, pingpong=True),
+                 id="pingpong-fast", marks=pytest.mark.slow),
+    pytest.param((1, 150, 100, 3, 1, 64, 64, False, False, "bfloat16", True, 0.8), FAST, id="noncausal-partial-fast",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("case,launch", SCHEDULE_CASES)
+def test_schedule_options_match_reference_in_interpret_mode(case, launch):
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as err:
+        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
+
+    sh, q, k, v, mask, lengths = _random_problem(case, seed=2)
+    counts = np.asarray(mask).sum(-1)
+    assert (counts % 2 == 1).any()  # the padded last step is exercised
+    gpu_interpret.reset_gpu_interpret_mode_state()
+    try:
+        out = hopper.block_sparse_attention_hopper(
+            q, k, v, mask, sh, lengths=lengths, interpret=InterpretGPUParams(detect_races=True), **launch
+        )
+        out = np.asarray(out)
+        assert not gpu_interpret.get_races().races_found
+    finally:
+        gpu_interpret.reset_gpu_interpret_mode_state()
+    _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
 def _random_problem(case, seed):
@@ -304,6 +365,14 @@ def test_matches_reference_on_gpu(case, seed):
 LAUNCH_CASES = [
     pytest.param(GPU_CASES[i], dict(consumers=2, **opt), id=f"{name}-{'-'.join(map(str, GPU_CASES[i]))}")
     for name, opt, cases in (("2-tiles-per-wg", dict(tiles_per_wg=2), (2, 4, 7)), ("pingpong", dict(pingpong=True), (0, 2, 7)))
+    for i in cases
+] + [
+    pytest.param(GPU_CASES[i], dict(opt), id=f"{name}-{'-'.join(map(str, GPU_CASES[i]))}")
+    for name, opt, cases in (
+        ("fast", FAST, (0, 1, 2, 5, 6, 7, 8)),
+        ("fast-pingpong", dict(FAST, consumers=2, pingpong=True), (2, 7)),
+        ("early-wait", dict(early_wait=True, auto_barriers=False), (2, 8)),
+    )
     for i in cases
 ]
 
