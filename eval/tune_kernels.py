@@ -100,18 +100,21 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1) -> list[dict]:
 def parse_launches(text: str) -> list[dict]:
     """`"c2,c2-pp,c1-pair-early-noab-s3"` → launch keyword dicts of `block_sparse_attention_hopper`: `cN`
     consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
-    next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab."""
+    next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab, `persN` a persistent
+    grid of N CTAs."""
     out = []
     for item in filter(None, text.split(",")):
         launch = {}
         for part in item.replace("fast", "pair-early-noab").split("-"):
             if part[:1] in "cts" and part[1:].isdigit():
                 launch[{"c": "consumers", "t": "tiles_per_wg", "s": "stages"}[part[0]]] = int(part[1:])
+            elif part.startswith("pers") and part[4:].isdigit():
+                launch["persistent"] = int(part[4:])
             elif part in ("pp", "pair", "early", "noab"):
                 launch[{"pp": "pingpong", "pair": "pair_blocks", "early": "early_wait", "noab": "auto_barriers"}[part]] = (
                     part != "noab")
             else:
-                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, pp, pair, early, noab or fast")
+                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, persN, pp, pair, early, noab or fast")
         out.append(launch)
     return out
 

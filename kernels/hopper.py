@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,11 @@ class HopperPlan:
         the output tile, which `commit_smem` (a fence and a warpgroup barrier) orders before the TMA store, and
         the ring's slots are guarded by the free/ready mbarriers. `emit_stats` keeps them (its stage buffer is
         rewritten after a store that only the issuing thread waits for).
+      persistent: 0 (one CTA per work item: a list row's query block and CTA chunk), or the number of CTAs
+        of a persistent grid (the GPU's SM count): each CTA walks items cta, cta + P, ... in the same long-rows-
+        first order, its producer loading the next item's Q (two Q buffers) and K/V (the ring runs on across
+        items) while the compute warpgroups finish the current one, so the per-CTA start, first loads and
+        output store of short rows overlap the neighbours' compute. No `emit_stats`.
     """
 
     shape: AttentionShape
@@ -127,6 +133,12 @@ class HopperPlan:
     pair_blocks: bool = False
     early_wait: bool = False
     auto_barriers: bool = True
+    persistent: int = 0
+
+    @property
+    def qbufs(self) -> int:
+        """Q tile buffers: 2 in a persistent CTA (the next item's Q loads while this one runs), else 1."""
+        return 2 if self.persistent else 1
 
     @property
     def per_step(self) -> int:
@@ -166,6 +178,7 @@ def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
+    persistent: int = 0,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -198,16 +211,18 @@ def make_hopper_plan(
         auto_barriers = True
     if emit_stats and not auto_barriers:
         raise ValueError("emit_stats needs auto_barriers=True (its stage buffer relies on them)")
+    if not isinstance(persistent, int) or persistent < 0 or (persistent and emit_stats):
+        raise ValueError(f"persistent must be 0 or a CTA count >= 1, and 0 with emit_stats; got {persistent!r}")
     return HopperPlan(
         shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
-        bool(pair_blocks), bool(early_wait), bool(auto_barriers),
+        bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent),
     )
 
 
 def smem_bytes(plan: HopperPlan, itemsize: int = 2) -> int:
     """Shared memory of one CTA: Q/O tiles plus the K and V rings (barriers ignored)."""
     d, bs = plan.shape.head_dim, plan.shape.block_size
-    return itemsize * (plan.tiles_per_cta * WG_ROWS * d + 2 * plan.stages * plan.per_step * bs * d)
+    return itemsize * (plan.qbufs * plan.tiles_per_cta * WG_ROWS * d + 2 * plan.stages * plan.per_step * bs * d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,24 +294,25 @@ def kv_streams(k_ref, v_ref, b, kv_head, bs: int, k_ring, v_ring):
     return [stream(k_ref, k_ring), stream(v_ref, v_ring)]
 
 
-def ring_producer(count, stages: int, block_at, streams, rows: int | None = None) -> None:
+def ring_producer(count, stages: int, block_at, streams, rows: int | None = None, base=0, drain: bool = True) -> None:
     """The producer warpgroup of a TMA ring of `stages` slots, walking `count` steps.
 
     For step `it` (block `block_at(it)`), each stream `(free, copies)` first waits until the consumers released
     the slot's previous contents (`free`, from the second round on), then issues its copies `(src, ring, ready)`:
     `src(block)` (a global-memory ref) into `ring.at[slot]`, completing on `ready.at[slot]`. With `rows`,
     `block_at(it)` gives a tuple of blocks and block e goes to rows `[e·rows, (e+1)·rows)` of the slot (one
-    barrier arrival per copy). At the end it observes the last releases too, so every barrier phase is waited
-    on before the CTA's barriers go away (the interpreter checks this; on the GPU it costs the idle producer
-    only)."""
+    barrier arrival per copy). Ring positions continue from `base` (steps of earlier work items of a
+    persistent CTA). With `drain`, at the end it observes the last releases too, so every barrier phase is
+    waited on before the CTA's barriers go away (the interpreter checks this; on the GPU it costs the idle
+    producer only); a persistent CTA drains once, after its last item (:func:`ring_drain`)."""
 
     @pl.loop(0, count)
     def _fetch(it):
-        slot = lax.rem(it, jnp.int32(stages))
+        slot = lax.rem(base + it, jnp.int32(stages))
         block = block_at(it)
         for free, copies in streams:
 
-            @pl.when(it >= stages)
+            @pl.when(base + it >= stages)
             def _(free=free):
                 plgpu.barrier_wait(free.at[slot])
 
@@ -307,10 +323,17 @@ def ring_producer(count, stages: int, block_at, streams, rows: int | None = None
                     for e, blk in enumerate(block):
                         plgpu.copy_gmem_to_smem(src(blk), ring.at[slot, pl.ds(e * rows, rows)], ready.at[slot])
 
-    @pl.loop(jnp.maximum(count - stages, 0), count)
+    if drain:
+        ring_drain(base + count, stages, [free for free, _ in streams])
+
+
+def ring_drain(total, stages: int, frees) -> None:
+    """Waits for the consumers' releases of the last `stages` of `total` ring steps (barriers `frees`)."""
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
     def _drain(it):
         slot = lax.rem(it, jnp.int32(stages))
-        for free, _ in streams:
+        for free in frees:
             plgpu.barrier_wait(free.at[slot])
 
 
@@ -326,7 +349,7 @@ def _kernel_body(
     sh = plan.shape
     bs, d, stages, consumers = sh.block_size, sh.head_dim, plan.stages, plan.consumers
     dtype = q_ref.dtype
-    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped[:4]
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped[:4]
     if plan.emit_stats:
         rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, 64] and [consumers, 64]
 
@@ -334,168 +357,227 @@ def _kernel_body(
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
 
-    qblk = sh.nq - 1 - lax.axis_index("q")  # long causal rows first
-    chunk = lax.axis_index("h")
-    b = lax.axis_index("b")
     wg = lax.axis_index("wg")
-    mhead = lax.div(chunk, jnp.int32(plan.ctas_per_row)) if plan.ctas_per_row > 1 else chunk
-    tpw = plan.tiles_per_wg
-    first_tile = lax.rem(chunk, jnp.int32(plan.ctas_per_row)) * plan.tiles_per_cta if plan.ctas_per_row > 1 else 0
-    kv_head = lax.div(mhead * plan.share, jnp.int32(sh.group)) if sh.group > 1 else mhead
-
-    cast, iota = layout_helpers(interpreted)
-
-    count = spans_ref[b, mhead, qblk, 2]
-    n_full = spans_ref[b, mhead, qblk, 1]  # lo == 0 for row lists: [0, hi) full, [hi, count) masked
+    tpw, n_tiles = plan.tiles_per_wg, plan.tiles_per_cta
     per_step = plan.per_step
     kw = per_step * bs  # keys per loop step
-    if per_step == 1:
-        n_steps, full_steps = count, n_full
-    else:  # pairs of list entries; a pair with a masked entry, or the odd count's last (padded) one, is masked
-        n_steps, full_steps = lax.div(count + 1, jnp.int32(2)), lax.div(n_full, jnp.int32(2))
+    cast, iota = layout_helpers(interpreted)
+
+    def item(qblk, chunk, b):
+        """One work item: a list row's query block, CTA chunk and batch, and what the loops need of it."""
+        mhead = lax.div(chunk, jnp.int32(plan.ctas_per_row)) if plan.ctas_per_row > 1 else chunk
+        first_tile = lax.rem(chunk, jnp.int32(plan.ctas_per_row)) * n_tiles if plan.ctas_per_row > 1 else 0
+        kv_head = lax.div(mhead * plan.share, jnp.int32(sh.group)) if sh.group > 1 else mhead
+        count = spans_ref[b, mhead, qblk, 2]
+        n_full = spans_ref[b, mhead, qblk, 1]  # lo == 0 for row lists: [0, hi) full, [hi, count) masked
+        if per_step == 1:
+            n_steps, full_steps = count, n_full
+        else:  # pairs of entries; a pair with a masked entry, or the odd count's last (padded) one, is masked
+            n_steps, full_steps = lax.div(count + 1, jnp.int32(2)), lax.div(n_full, jnp.int32(2))
+        return types.SimpleNamespace(qblk=qblk, b=b, mhead=mhead, first_tile=first_tile, kv_head=kv_head,
+                                     count=count, n_full=n_full, n_steps=n_steps, full_steps=full_steps)
+
+    def tile_coords(it, t):
+        """(first query row, query head) of the CTA's t-th 64-row tile of item `it`."""
+        tile = it.first_tile + t
+        if plan.subtiles > 1:
+            head_off, sub = lax.div(tile, jnp.int32(plan.subtiles)), lax.rem(tile, jnp.int32(plan.subtiles))
+        else:
+            head_off, sub = tile, 0
+        return it.qblk * bs + sub * WG_ROWS, it.mhead * plan.share + head_off
+
+    if plan.persistent:
+        # Work items w = cta, cta + P, ... in the order of the non-persistent grid: long causal rows first.
+        cta, n_ctas = lax.axis_index("p"), plan.persistent
+        per_q = plan.mask_heads * plan.ctas_per_row * sh.batch
+        my_items = lax.div(jnp.int32(sh.nq * per_q) - cta + (n_ctas - 1), jnp.int32(n_ctas))
+
+        def item_at(i):
+            w = cta + i * n_ctas
+            r = lax.rem(w, jnp.int32(per_q))
+            return item(sh.nq - 1 - lax.div(w, jnp.int32(per_q)), lax.div(r, jnp.int32(sh.batch)),
+                        lax.rem(r, jnp.int32(sh.batch)))
+    else:
+        here = item(sh.nq - 1 - lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b"))
 
     @pl.when(wg < consumers)
     def _compute():
         if consumers == 2:
             plgpu.set_max_registers(232, action="increase")
-        tiles = []  # (smem slot, first query row, query head) of this warpgroup's tiles
-        for j in range(tpw):
-            tile = first_tile + wg * tpw + j
-            if plan.subtiles > 1:
-                head_off = lax.div(tile, jnp.int32(plan.subtiles))
-                sub = lax.rem(tile, jnp.int32(plan.subtiles))
-            else:
-                head_off, sub = tile, 0
-            tiles.append((wg * tpw + j, qblk * bs + sub * WG_ROWS, mhead * plan.share + head_off))
-        for slot_q, row0, head in tiles:
-            plgpu.copy_gmem_to_smem(
-                q_ref.at[b, pl.ds(row0, WG_ROWS), head], q_smem.at[slot_q], q_ready.at[slot_q]
-            )
-        for slot_q, _, _ in tiles:
-            plgpu.barrier_wait(q_ready.at[slot_q])
-
-        valid = valid_ref[b]
         scale2 = jnp.float32(sh.sm_scale * LOG2_E)
         offset = sh.kv_len - sh.q_len
 
-        def key_columns(start):
-            if per_step == 1:
-                return iota((WG_ROWS, bs), 1) + start
-            c = iota((WG_ROWS, kw), 1)  # two blocks side by side: columns from each one's start
-            return jnp.where(c < bs, c + start[0], c + (start[1] - bs))
+        def run_item(it, buf, gbase):
+            """This warpgroup's tiles of item `it`, Q in buffer `buf`, ring steps numbered from `gbase`."""
+            tiles = []  # (smem slot, first query row, query head) of this warpgroup's tiles
+            for j in range(tpw):
+                tiles.append((wg * tpw + j, *tile_coords(it, wg * tpw + j)))
+            if not plan.persistent:  # (persistent: the producer loads Q, one item ahead)
+                for slot_q, row0, head in tiles:
+                    plgpu.copy_gmem_to_smem(
+                        q_ref.at[it.b, pl.ds(row0, WG_ROWS), head], q_smem.at[0, slot_q], q_ready.at[slot_q]
+                    )
+            for slot_q, _, _ in tiles:
+                plgpu.barrier_wait(q_ready.at[buf * n_tiles + slot_q])
+            valid = valid_ref[it.b]
 
-        def softmax_update(s, row0, start, acc, m_prev, l_prev, masked: bool):
-            if masked:
-                rows = iota((WG_ROWS, kw), 0) + row0
-                cols = key_columns(start)
-                vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
-                s = jnp.where(vis, s, -jnp.inf)
-            block_max = s.max(axis=1) * scale2
-            m_next = jnp.maximum(m_prev, block_max)
-            if masked:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
-                m_use = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-            else:
-                m_use = m_next
-            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
-            alpha = jnp.exp2(m_prev - m_use)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l_next = l_prev * alpha + p.sum(axis=1)
-            return p.astype(dtype), acc, m_next, l_next, block_max
+            def key_columns(start):
+                if per_step == 1:
+                    return iota((WG_ROWS, bs), 1) + start
+                c = iota((WG_ROWS, kw), 1)  # two blocks side by side: columns from each one's start
+                return jnp.where(c < bs, c + start[0], c + (start[1] - bs))
 
-        def wait_next_k(it):  # early_wait: the next step's K, while this step's P V wgmma runs
-            @pl.when(it + 1 < n_steps)
-            def _():
-                plgpu.barrier_wait(k_ready.at[lax.rem(it + 1, jnp.int32(stages))])
+            def softmax_update(s, row0, start, acc, m_prev, l_prev, masked: bool):
+                if masked:
+                    rows = iota((WG_ROWS, kw), 0) + row0
+                    cols = key_columns(start)
+                    vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
+                    s = jnp.where(vis, s, -jnp.inf)
+                block_max = s.max(axis=1) * scale2
+                m_next = jnp.maximum(m_prev, block_max)
+                if masked:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
+                    m_use = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+                else:
+                    m_use = m_next
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                alpha = jnp.exp2(m_prev - m_use)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_next = l_prev * alpha + p.sum(axis=1)
+                return p.astype(dtype), acc, m_next, l_next, block_max
 
-        def step_start(it):
-            if per_step == 1:
-                return lists_ref[b, mhead, qblk, it] * bs
-            e0 = it * 2
-            first = lists_ref[b, mhead, qblk, e0] * bs
-            second = lists_ref[b, mhead, qblk, lax.min(e0 + 1, count - 1)] * bs
-            # No second entry: its columns start far past any valid length, so they are all masked out.
-            return first, jnp.where(e0 + 1 < count, second, jnp.int32(1 << 30))
+            def wait_next_k(i):  # early_wait: the next step's K, while this step's P V wgmma runs
+                @pl.when(i + 1 < it.n_steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(gbase + i + 1, jnp.int32(stages))])
 
-        def step(it, carry, masked: bool):
-            slot = lax.rem(it, jnp.int32(stages))
-            if not plan.early_wait:
-                plgpu.barrier_wait(k_ready.at[slot])
-            start = step_start(it) if masked else None
-            # Tile by tile: S = Q Kᵀ, then its softmax update right away, so only one float32 S tile is live
-            # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
-            updated = []
-            for (slot_q, row0, _), carry_j in zip(tiles, carry):
-                s_j = dot_nt(q_smem.at[slot_q], k_smem.at[slot], interpreted,
-                             after_issue=schedule_point if plan.pingpong else None)
-                *update, block_max = softmax_update(s_j, row0, start, *carry_j, masked=masked)
-                updated.append(update)
-                if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
-                    stage = rm_stage.at[wg, lax.rem(it, jnp.int32(2))]
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two steps ago has read it
-                    stage[...] = block_max
-                    plgpu.commit_smem()
-                    key_block = lists_ref[b, mhead, qblk, it]
-                    plgpu.copy_smem_to_gmem(stage, rm_ref.at[b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
-            plgpu.barrier_arrive(k_free.at[slot])
-            if plan.pingpong:
-                plgpu.barrier_arrive(schedule)  # softmax done
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(schedule)  # the other warpgroup's QKᵀ has been issued: our turn for PV
-            else:
-                plgpu.barrier_wait(v_ready.at[slot])
-            new_carry = []
-            for j, (p16, acc, m_next, l_next) in enumerate(updated):
-                hook = functools.partial(wait_next_k, it) if plan.early_wait and j == len(updated) - 1 else None
-                new_carry.append((acc_dot(acc, p16, v_smem.at[slot], interpreted, after_issue=hook), m_next, l_next))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return tuple(new_carry)
+            def step_start(i):
+                if per_step == 1:
+                    return lists_ref[it.b, it.mhead, it.qblk, i] * bs
+                e0 = i * 2
+                first = lists_ref[it.b, it.mhead, it.qblk, e0] * bs
+                second = lists_ref[it.b, it.mhead, it.qblk, lax.min(e0 + 1, it.count - 1)] * bs
+                # No second entry: its columns start far past any valid length, so they are all masked out.
+                return first, jnp.where(e0 + 1 < it.count, second, jnp.int32(1 << 30))
 
-        carry = tuple(
-            (
-                cast(jnp.full((WG_ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA),
-                cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                cast(jnp.full((WG_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            def step(i, carry, masked: bool):
+                slot = lax.rem(gbase + i, jnp.int32(stages))
+                if not plan.early_wait:
+                    plgpu.barrier_wait(k_ready.at[slot])
+                start = step_start(i) if masked else None
+                # Tile by tile: S = Q Kᵀ, then its softmax update right away, so only one float32 S tile is live
+                # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
+                updated = []
+                for (slot_q, row0, _), carry_j in zip(tiles, carry):
+                    s_j = dot_nt(q_smem.at[buf, slot_q], k_smem.at[slot], interpreted,
+                                 after_issue=schedule_point if plan.pingpong else None)
+                    *update, block_max = softmax_update(s_j, row0, start, *carry_j, masked=masked)
+                    updated.append(update)
+                    if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
+                        stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2))]
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two steps ago has read it
+                        stage[...] = block_max
+                        plgpu.commit_smem()
+                        key_block = lists_ref[it.b, it.mhead, it.qblk, i]
+                        plgpu.copy_smem_to_gmem(stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
+                plgpu.barrier_arrive(k_free.at[slot])
+                if plan.pingpong:
+                    plgpu.barrier_arrive(schedule)  # softmax done
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(schedule)  # the other warpgroup's QKᵀ has been issued: our turn for PV
+                else:
+                    plgpu.barrier_wait(v_ready.at[slot])
+                new_carry = []
+                for j, (p16, acc, m_next, l_next) in enumerate(updated):
+                    hook = functools.partial(wait_next_k, i) if plan.early_wait and j == len(updated) - 1 else None
+                    new_carry.append((acc_dot(acc, p16, v_smem.at[slot], interpreted, after_issue=hook), m_next, l_next))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return tuple(new_carry)
+
+            carry = tuple(
+                (
+                    cast(jnp.full((WG_ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA),
+                    cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                    cast(jnp.full((WG_ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                )
+                for _ in tiles
             )
-            for _ in tiles
-        )
-        if plan.early_wait:  # the first step's K (later ones are waited for inside the previous step)
-            @pl.when(n_steps > 0)
-            def _():
-                plgpu.barrier_wait(k_ready.at[0])
-        if plan.pingpong:  # the second warpgroup starts half a step behind the first
-            pl.when(wg == 1)(schedule_point)
-        if plan.any_masked or per_step > 1:
-            carry = lax.fori_loop(0, full_steps, functools.partial(_call_step, step, False), carry)
-            carry = lax.fori_loop(full_steps, n_steps, functools.partial(_call_step, step, True), carry)
+            if plan.early_wait:  # the first step's K (later ones are waited for inside the previous step)
+                @pl.when(it.n_steps > 0)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(gbase, jnp.int32(stages))])
+            if plan.pingpong:  # the second warpgroup starts half a step behind the first
+                pl.when(wg == 1)(schedule_point)
+            if plan.any_masked or per_step > 1:
+                carry = lax.fori_loop(0, it.full_steps, functools.partial(_call_step, step, False), carry)
+                carry = lax.fori_loop(it.full_steps, it.n_steps, functools.partial(_call_step, step, True), carry)
+            else:
+                carry = lax.fori_loop(0, it.count, functools.partial(_call_step, step, False), carry)
+            if plan.pingpong:  # ... and the first one ends with the matching extra arrival
+                pl.when(wg == 0)(schedule_point)
+            # The output goes out through the Q tile's buffer (Q is no longer read).
+            for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
+                l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
+                q_smem.at[buf, slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                if plan.emit_stats:
+                    lse_stage.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
+            plgpu.commit_smem()
+            for slot_q, row0, head in tiles:
+                plgpu.copy_smem_to_gmem(q_smem.at[buf, slot_q], o_ref.at[it.b, pl.ds(row0, WG_ROWS), head])
+                if plan.emit_stats:
+                    plgpu.copy_smem_to_gmem(lse_stage.at[wg], lse_ref.at[it.b, head, pl.ds(row0, WG_ROWS)])
+            if plan.persistent:  # the buffer may take the Q of the item after next once the store has read it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.barrier_arrive(q_free.at[buf])
+            else:
+                plgpu.wait_smem_to_gmem(0)
+            return gbase + it.n_steps
+
+        if plan.persistent:
+            lax.fori_loop(0, my_items, lambda i, g: run_item(item_at(i), lax.rem(i, jnp.int32(2)), g), jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
         else:
-            carry = lax.fori_loop(0, count, functools.partial(_call_step, step, False), carry)
-        if plan.pingpong:  # ... and the first one ends with the matching extra arrival
-            pl.when(wg == 0)(schedule_point)
-        for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
-            l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
-            q_smem.at[slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-            if plan.emit_stats:
-                lse_stage.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
-        plgpu.commit_smem()
-        for slot_q, row0, head in tiles:
-            plgpu.copy_smem_to_gmem(q_smem.at[slot_q], o_ref.at[b, pl.ds(row0, WG_ROWS), head])
-            if plan.emit_stats:
-                plgpu.copy_smem_to_gmem(lse_stage.at[wg], lse_ref.at[b, head, pl.ds(row0, WG_ROWS)])
-        plgpu.wait_smem_to_gmem(0)
+            run_item(here, 0, 0)
 
     @pl.when(wg == consumers)
     def _produce():
         if consumers == 2:
             plgpu.set_max_registers(40, action="decrease")
 
-        streams = kv_streams(k_ref, v_ref, b, kv_head, bs, (k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
-        if per_step == 1:
-            ring_producer(count, stages, lambda it: lists_ref[b, mhead, qblk, it], streams)
-        else:
-            def pair_at(it):  # an odd count's last step fetches its block twice (the copy is masked out)
-                return (lists_ref[b, mhead, qblk, 2 * it], lists_ref[b, mhead, qblk, lax.min(2 * it + 1, count - 1)])
+        def produce_item(it, local_i, gbase):
+            if plan.persistent:  # Q of this item, once the item two back has stored its output from the buffer
+                buf = lax.rem(local_i, jnp.int32(2))
 
-            ring_producer(n_steps, stages, pair_at, streams, rows=bs)
+                @pl.when(local_i >= 2)
+                def _():
+                    plgpu.barrier_wait(q_free.at[buf])
+
+                for t in range(n_tiles):
+                    row0, head = tile_coords(it, t)
+                    plgpu.copy_gmem_to_smem(
+                        q_ref.at[it.b, pl.ds(row0, WG_ROWS), head], q_smem.at[buf, t], q_ready.at[buf * n_tiles + t]
+                    )
+            streams = kv_streams(k_ref, v_ref, it.b, it.kv_head, bs, (k_smem, k_ready, k_free), (v_smem, v_ready, v_free))
+            drain = not plan.persistent
+            if per_step == 1:
+                ring_producer(it.count, stages, lambda i: lists_ref[it.b, it.mhead, it.qblk, i], streams,
+                              base=gbase, drain=drain)
+            else:
+                def pair_at(i):  # an odd count's last step fetches its block twice (the copy is masked out)
+                    return (lists_ref[it.b, it.mhead, it.qblk, 2 * i],
+                            lists_ref[it.b, it.mhead, it.qblk, lax.min(2 * i + 1, it.count - 1)])
+
+                ring_producer(it.n_steps, stages, pair_at, streams, rows=bs, base=gbase, drain=drain)
+            return gbase + it.n_steps
+
+        if plan.persistent:
+            total = lax.fori_loop(0, my_items, lambda i, g: produce_item(item_at(i), i, g), jnp.int32(0))
+            ring_drain(total, stages, (k_free, v_free))
+            for back in (2, 1):  # the last two items' buffer releases (earlier ones were waited for above)
+                @pl.when(my_items >= back)
+                def _(back=back):
+                    plgpu.barrier_wait(q_free.at[lax.rem(my_items - back, jnp.int32(2))])
+        else:
+            produce_item(here, 0, 0)
 
 
 def _call_step(step, masked, it, carry):
@@ -527,18 +609,19 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
                 interpreted=interpret is not None, **dict(zip(("rm_ref", "lse_ref"), stat_refs)),
             ),
             (
-                plgpu.SMEM((plan.tiles_per_cta, WG_ROWS, d), dtype, transforms=transforms),
+                plgpu.SMEM((plan.qbufs, plan.tiles_per_cta, WG_ROWS, d), dtype, transforms=transforms),
                 plgpu.SMEM((stages, plan.per_step * bs, d), dtype, transforms=transforms),
                 plgpu.SMEM((stages, plan.per_step * bs, d), dtype, transforms=transforms),
             ),
             (
                 plgpu.Barrier(num_arrivals=plan.per_step, num_barriers=stages),  # one arrival per TMA copy
                 plgpu.Barrier(num_arrivals=plan.per_step, num_barriers=stages),
-                plgpu.Barrier(num_barriers=plan.tiles_per_cta),
+                plgpu.Barrier(num_barriers=plan.qbufs * plan.tiles_per_cta),
             ),
             (
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=consumers, num_barriers=2),  # Q buffers free (persistent only)
             ),
             plgpu.Barrier(num_arrivals=consumers),  # pingpong schedule (unused without it)
             *stats,
@@ -556,8 +639,8 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     kernel = _kernel_call(
         entry,
         out_type,
-        grid=(sh.nq, plan.mask_heads * plan.ctas_per_row, sh.batch),
-        grid_names=("q", "h", "b"),
+        **(dict(grid=(plan.persistent,), grid_names=("p",)) if plan.persistent else
+           dict(grid=(sh.nq, plan.mask_heads * plan.ctas_per_row, sh.batch), grid_names=("q", "h", "b"))),
         num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
@@ -586,7 +669,8 @@ def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None)
 def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
-    pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, interpret=None,
+    pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, persistent: int = 0,
+    interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
 
@@ -594,8 +678,8 @@ def block_sparse_attention_hopper(
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
-      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers: launch shape and
-        schedule (tuning; see :class:`HopperPlan`); None picks defaults.
+      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers, persistent: launch
+        shape and schedule (tuning; see :class:`HopperPlan`); None picks defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
 
@@ -613,6 +697,7 @@ def block_sparse_attention_hopper(
     plan = make_hopper_plan(
         shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
         pingpong=pingpong, pair_blocks=pair_blocks, early_wait=early_wait, auto_barriers=auto_barriers,
+        persistent=persistent,
     )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)

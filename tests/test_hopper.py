@@ -130,9 +130,10 @@ def test_pingpong_lowers_for_cuda_at_production_shape(monkeypatch):
 
 @pytest.mark.parametrize("mask_heads", [8, 32])
 def test_paired_blocks_and_fast_schedule_lower_for_cuda_at_production_shape(mask_heads, monkeypatch):
-    """128-key steps from two 64-blocks, the next K waited for under P V, no automatic barriers."""
+    """128-key steps from two 64-blocks, the next K waited for under P V, no automatic barriers, a persistent
+    grid of 132 CTAs (an H100's SMs)."""
     q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
-    launch = dict(pair_blocks=True, early_wait=True, auto_barriers=False)
+    launch = dict(pair_blocks=True, early_wait=True, auto_barriers=False, persistent=132)
     text, modules = _lower(q, kv, n, sh, mask_heads, monkeypatch, **launch)
     _check_module(text, modules, sh, "bf16", keys_per_step=128)  # S = Q Kᵀ over 128 keys
     plan = hopper.make_hopper_plan(sh, mask_heads, False, **launch)
@@ -190,6 +191,12 @@ def test_stages_and_consumers_options(monkeypatch):
         hopper.make_hopper_plan(sh, 2, False, emit_stats=True, pair_blocks=True)
     with pytest.raises(ValueError, match="auto_barriers"):
         hopper.make_hopper_plan(sh, 2, False, emit_stats=True, auto_barriers=False)
+    with pytest.raises(ValueError, match="persistent"):
+        hopper.make_hopper_plan(sh, 2, False, emit_stats=True, persistent=132)
+    with pytest.raises(ValueError, match="persistent"):
+        hopper.make_hopper_plan(sh, 2, False, persistent=-1)
+    plan = hopper.make_hopper_plan(sh, 2, False, consumers=2, pair_blocks=True, persistent=132)
+    assert hopper.smem_bytes(plan) == 2 * (2 * 2 * 64 * 128 + 2 * 2 * 2 * 64 * 128) <= 227 * 1024
     _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
     with pytest.raises(ValueError, match="pair_blocks"):
         hopper.make_hopper_plan(sh128, 2, False, pair_blocks=True)
@@ -241,6 +248,13 @@ SCHEDULE_CASES = [
                  id="pingpong-fast", marks=pytest.mark.slow),
     pytest.param((1, 150, 100, 3, 1, 64, 64, False, False, "bfloat16", True, 0.8), FAST, id="noncausal-partial-fast",
                  marks=pytest.mark.slow),
+    # persistent CTAs: several items each (ring and Q buffers running on across items), and more CTAs than items
+    pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), dict(FAST, pingpong=True, persistent=3),
+                 id="persistent-fast-pingpong"),
+    pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", True, 0.5), dict(persistent=4, stages=3),
+                 id="persistent-q-mask"),
+    pytest.param((1, 128, 128, 2, 1, 64, 64, True, False, "bfloat16", False, 0.7), dict(FAST, persistent=5),
+                 id="persistent-idle-ctas", marks=pytest.mark.slow),
 ]
 
 
@@ -372,6 +386,9 @@ LAUNCH_CASES = [
         ("fast", FAST, (0, 1, 2, 5, 6, 7, 8)),
         ("fast-pingpong", dict(FAST, consumers=2, pingpong=True), (2, 7)),
         ("early-wait", dict(early_wait=True, auto_barriers=False), (2, 8)),
+        ("persistent-fast", dict(FAST, persistent=132), (0, 1, 2, 7, 8)),
+        ("persistent-fast-pingpong", dict(FAST, consumers=2, pingpong=True, persistent=132), (2, 7)),
+        ("persistent-few-ctas", dict(persistent=7), (2, 3)),
     )
     for i in cases
 ]
