@@ -45,6 +45,7 @@ class EvalSettings:
     thresholds: tuple[float, ...] = ()
     keep_first: bool = False  # every sparse method also keeps the first key block (the attention sink)
     dense_last_rows: int = 0  # ... and attends densely in the last this many query blocks
+    budget: str = "uniform"  # how TopK spreads each density over the query rows (seerjax.selection.BUDGETS)
     num_sequences: int = 8
     batch: int = 1
     retrieval_lengths: tuple[int, ...] = ()
@@ -76,6 +77,10 @@ class EvalSettings:
                 raise EvalError(f"thresholds must be in [0, 1), got {t}")
         if self.dense_last_rows < 0:
             raise EvalError(f"dense_last_rows must be >= 0, got {self.dense_last_rows}")
+        from seerjax.selection import BUDGETS
+
+        if self.budget not in BUDGETS:
+            raise EvalError(f"budget must be one of {list(BUDGETS)}, got {self.budget!r}")
         for name in ("seq_len", "num_sequences", "batch", "retrieval_samples", "recall_sequences"):
             if getattr(self, name) < 1:
                 raise EvalError(f"{name} must be positive, got {getattr(self, name)}")
@@ -233,7 +238,7 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
     for method, density, threshold in grid:
         options = {"block_size": block_size, "implementation": s.implementation}
         if method != "dense":
-            options.update(keep_first=s.keep_first, dense_last_rows=s.dense_last_rows)
+            options.update(keep_first=s.keep_first, dense_last_rows=s.dense_last_rows, budget=s.budget)
         if threshold is not None:
             options["threshold"] = threshold
         else:

@@ -101,7 +101,7 @@ def parse_launches(text: str) -> list[dict]:
     """`"c2,c2-pp,c1-pair-early-noab-s3"` → launch keyword dicts of `block_sparse_attention_hopper`: `cN`
     consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
     next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab, `persN` a persistent
-    grid of N CTAs."""
+    grid of N CTAs, `hm` its items ordered head-major."""
     out = []
     for item in filter(None, text.split(",")):
         launch = {}
@@ -110,11 +110,13 @@ def parse_launches(text: str) -> list[dict]:
                 launch[{"c": "consumers", "t": "tiles_per_wg", "s": "stages"}[part[0]]] = int(part[1:])
             elif part.startswith("pers") and part[4:].isdigit():
                 launch["persistent"] = int(part[4:])
+            elif part == "hm":
+                launch["head_major"] = True
             elif part in ("pp", "pair", "early", "noab"):
                 launch[{"pp": "pingpong", "pair": "pair_blocks", "early": "early_wait", "noab": "auto_barriers"}[part]] = (
                     part != "noab")
             else:
-                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, persN, pp, pair, early, noab or fast")
+                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, persN, hm, pp, pair, early, noab or fast")
         out.append(launch)
     return out
 

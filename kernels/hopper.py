@@ -120,6 +120,9 @@ class HopperPlan:
         first order, its producer loading the next item's Q (two Q buffers) and K/V (the ring runs on across
         items) while the compute warpgroups finish the current one, so the per-CTA start, first loads and
         output store of short rows overlap the neighbours' compute. No `emit_stats`.
+      head_major: persistent only: order the work items by (batch, mask head) first, so the CTAs that run
+        together read one KV head's K and V (16 MB at 32k for Llama-3-8B: it fits the 50 MB L2, where all 8
+        heads' do not).
     """
 
     shape: AttentionShape
@@ -134,6 +137,7 @@ class HopperPlan:
     early_wait: bool = False
     auto_barriers: bool = True
     persistent: int = 0
+    head_major: bool = False
 
     @property
     def qbufs(self) -> int:
@@ -178,7 +182,7 @@ def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
-    persistent: int = 0,
+    persistent: int = 0, head_major: bool = False,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -213,9 +217,11 @@ def make_hopper_plan(
         raise ValueError("emit_stats needs auto_barriers=True (its stage buffer relies on them)")
     if not isinstance(persistent, int) or persistent < 0 or (persistent and emit_stats):
         raise ValueError(f"persistent must be 0 or a CTA count >= 1, and 0 with emit_stats; got {persistent!r}")
+    if head_major and not persistent:
+        raise ValueError("head_major orders a persistent grid's items: it needs persistent > 0")
     return HopperPlan(
         shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
-        bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent),
+        bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent), bool(head_major),
     )
 
 
@@ -394,6 +400,13 @@ def _kernel_body(
 
         def item_at(i):
             w = cta + i * n_ctas
+            if plan.head_major:  # (batch, mask head) outermost, then query blocks (long rows first), then chunk
+                per_head = sh.nq * plan.ctas_per_row
+                g, r = lax.div(w, jnp.int32(per_head)), lax.rem(w, jnp.int32(per_head))
+                mhead = lax.rem(g, jnp.int32(plan.mask_heads))
+                chunk = mhead * plan.ctas_per_row + lax.rem(r, jnp.int32(plan.ctas_per_row))
+                return item(sh.nq - 1 - lax.div(r, jnp.int32(plan.ctas_per_row)), chunk,
+                            lax.div(g, jnp.int32(plan.mask_heads)))
             r = lax.rem(w, jnp.int32(per_q))
             return item(sh.nq - 1 - lax.div(w, jnp.int32(per_q)), lax.div(r, jnp.int32(sh.batch)),
                         lax.rem(r, jnp.int32(sh.batch)))
@@ -505,14 +518,17 @@ def _kernel_body(
                 @pl.when(it.n_steps > 0)
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(gbase, jnp.int32(stages))])
-            if plan.pingpong:  # the second warpgroup starts half a step behind the first
+            # pingpong: the second warpgroup starts each item half a step behind the first. (Once per persistent
+            # CTA is not enough: an item with no steps lets the first warpgroup run an item ahead, into the Q
+            # buffer the second still holds, while the second waits for the first's next schedule arrival.)
+            if plan.pingpong:
                 pl.when(wg == 1)(schedule_point)
             if plan.any_masked or per_step > 1:
                 carry = lax.fori_loop(0, it.full_steps, functools.partial(_call_step, step, False), carry)
                 carry = lax.fori_loop(it.full_steps, it.n_steps, functools.partial(_call_step, step, True), carry)
             else:
                 carry = lax.fori_loop(0, it.count, functools.partial(_call_step, step, False), carry)
-            if plan.pingpong:  # ... and the first one ends with the matching extra arrival
+            if plan.pingpong:  # ... and the first one ends it with the matching extra arrival
                 pl.when(wg == 0)(schedule_point)
             # The output goes out through the Q tile's buffer (Q is no longer read).
             for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
@@ -670,7 +686,7 @@ def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, persistent: int = 0,
-    interpret=None,
+    head_major: bool = False, interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
 
@@ -678,8 +694,8 @@ def block_sparse_attention_hopper(
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
-      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers, persistent: launch
-        shape and schedule (tuning; see :class:`HopperPlan`); None picks defaults.
+      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers, persistent, head_major:
+        launch shape and schedule (tuning; see :class:`HopperPlan`); None picks defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
 
@@ -697,7 +713,7 @@ def block_sparse_attention_hopper(
     plan = make_hopper_plan(
         shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
         pingpong=pingpong, pair_blocks=pair_blocks, early_wait=early_wait, auto_barriers=auto_barriers,
-        persistent=persistent,
+        persistent=persistent, head_major=head_major,
     )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
@@ -744,16 +760,49 @@ def _hopper_bwd(hplan, pplan, residuals, d_out):
 _hopper_differentiable.defvjp(_hopper_fwd, _hopper_bwd)
 
 
+def sm_count(device=None) -> int:
+    """Streaming multiprocessors of the GPU (the persistent grid's CTA count); 132 (an H100 SXM) if unknown."""
+    device = device or jax.devices()[0]
+    count = getattr(device, "core_count", None)
+    return int(count) if isinstance(count, int) and count > 0 else 132
+
+
+def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | None:
+    """The launch options measured fastest on an H100 (docs/kernel_notes.md, eighth session) for this call,
+    or None where the portable Triton kernel was faster.
+
+    * Per-KV-head masks at block 64 (several query heads share a list row): two blocks per step, the next K
+      waited for under P V, no automatic barriers, ping-pong between the two compute warpgroups, and a
+      persistent grid of one CTA per SM: 1.80–1.92 ms against Triton's 2.62–3.04 ms at 32k, density 0.1,
+      and 23.8 against 34.8 ms at 128k.
+    * Per-query-head masks at block 64 (64 query rows per CTA): None, the Triton kernel (2.86–2.94 ms against
+      3.10–3.30 ms at 32k, density 0.1).
+    * Block 128: the default launch (first version; not re-tuned).
+    """
+    share = shape.q_heads // mask_heads
+    if shape.block_size != 64:
+        return {}
+    if share == 1:
+        return None
+    consumers = 2 if share % 2 == 0 else 1
+    return dict(consumers=consumers, pingpong=consumers == 2, pair_blocks=True, early_wait=True,
+                auto_barriers=False, persistent=n_sms, head_major=True)
+
+
 def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):
-    """The kernels dispatch's `"hopper"` entry: the Mosaic GPU forward on sm_90+ for the shapes it supports
-    (:func:`hopper_supported`), the portable Triton kernel otherwise — never an error or a wrong answer for
-    a call the portable kernel accepts. Differentiable: gradients come from the portable backward."""
+    """The kernels dispatch's `"hopper"` entry (and `implementation=None` on sm_90+): the Mosaic GPU forward with
+    the measured-best launch (:func:`tuned_launch`) where it beats the portable Triton kernel, the Triton kernel
+    everywhere else — never an error or a wrong answer for a call the portable kernel accepts.
+    Differentiable: gradients come from the portable backward."""
     from seerjax.kernels import block_sparse as bsp
 
     mask_heads = int(block_mask.shape[1])
-    if not (is_hopper_device() and hopper_supported(shape, mask_heads, q.dtype)):
+    launch = None
+    if is_hopper_device() and hopper_supported(shape, mask_heads, q.dtype):
+        launch = tuned_launch(shape, mask_heads, sm_count())
+    if launch is None:
         return bsp.block_sparse_attention_pallas(q, k, v, block_mask, shape, lengths=lengths, interpret=False)
-    hplan = make_hopper_plan(shape, mask_heads, lengths is not None)
+    hplan = make_hopper_plan(shape, mask_heads, lengths is not None, **launch)
     pplan = bsp.make_plan(block_mask, shape, lengths, q.dtype, interpret=False)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)

@@ -5,7 +5,8 @@ keeps the diagonal block, so no query row is ever left without a key. Options ke
 attention sink) and make the last query blocks dense.
 
 TopK by density gives each query row a budget of blocks such that the budgets add up to `density` times
-the visible blocks (floored): every row gets `k` (or all it sees, if fewer) and the last rows one more, so
+the visible blocks (floored). By default (`budget="uniform"`) every row gets `k` (or all it sees, if fewer)
+and the last rows one more; `budget="proportional"` gives each row about `density` of what it sees. So
 the achieved density is the target, not the seed's `int((1 - sqrt(1 - density)) · nq)` per row, which
 floors away up to a row's share (0.092 instead of 0.1 at 128 blocks, 0.06 at 32). The diagonal block and,
 with `keep_first`, the sink block count toward a row's budget.
@@ -45,8 +46,11 @@ class SelectionConfig:
     threshold: float | None = None
     keep_first: bool = False
     dense_last_rows: int = 0
+    budget: str = "uniform"  # how TopK spreads the density over rows: see BUDGETS
 
     def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise SelectionError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
         if (self.density is None) == (self.threshold is None):
             raise SelectionError(
                 f"set exactly one of density and threshold, got density={self.density!r}, threshold={self.threshold!r}"
@@ -68,6 +72,7 @@ class SelectionConfig:
             threshold=threshold,
             keep_first=bool(options.get("keep_first", False)),
             dense_last_rows=int(options.get("dense_last_rows", 0)),
+            budget=str(options.get("budget", "uniform")),
         )
 
 
@@ -114,9 +119,47 @@ def row_budgets(density: float, nq: int, nk: int, causal: bool = True) -> tuple[
     return k, r
 
 
-def row_k(density: float, nq: int, nk: int, causal: bool = True):
+def proportional_budgets(density: float, nq: int, nk: int, causal: bool = True) -> np.ndarray:
+    """Per-row TopK budgets, int32 `[nq]`, each row's close to `density` times the blocks it sees (at least
+    one, at most all), adding up to `floor(density · visible blocks)` like :func:`row_budgets`' (more only
+    where every row's one block already exceeds it).
+
+    Row i's budget is the rounding step of the running total: `floor(d · V_i) - floor(d · V_{i-1})` with V_i
+    the blocks rows 0..i see, so no row is more than one block off its share. Rows whose step is 0 keep one
+    block (the diagonal); the blocks that costs come off the rows with the largest budgets, latest first."""
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise SelectionError(f"density must be in (0, 1], got {density!r}")
+    seen = np.array([min(nk, i + 1 + (nk - nq)) if causal else nk for i in range(nq)], np.int64)
+    cum = np.floor(density * np.cumsum(seen) + 1e-9).astype(np.int64)
+    k = np.minimum(np.maximum(np.diff(cum, prepend=0), 1), seen)
+    target = max(nq, int(cum[-1]))
+    excess = int(k.sum()) - target
+    while excess > 0:  # a few blocks at most (one per row whose share is under one block)
+        top = int(np.flatnonzero(k == k.max())[-1])
+        if k[top] <= 1:
+            break
+        k[top] -= 1
+        excess -= 1
+    return k.astype(np.int32)
+
+
+# How TopK spreads a density over the query rows of a causal mask (both add up to the same block count):
+#   uniform: every row keeps the same k (the seed's rule, made exact): early rows see few blocks and keep
+#            them all, late rows keep a smaller share of their context;
+#   proportional: every row keeps about `density` of the blocks it sees, so the last rows (the prompt's
+#            end, which predicts the first generated token) keep as large a share as every other row.
+BUDGETS = ("uniform", "proportional")
+
+
+def row_k(density: float, nq: int, nk: int, causal: bool = True, budget: str = "uniform"):
     """The TopK budget of each row as :func:`kth_largest` takes it: an int when every row has the same,
-    else an int32 `[nq]` (`k`, and `k + 1` in the last `r` rows of :func:`row_budgets`)."""
+    else an int32 `[nq]` (uniform: `k`, and `k + 1` in the last `r` rows of :func:`row_budgets`;
+    proportional: :func:`proportional_budgets`)."""
+    if budget == "proportional":
+        return proportional_budgets(density, nq, nk, causal)
+    if budget != "uniform":
+        raise SelectionError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
     k, r = row_budgets(density, nq, nk, causal)
     return k if r == 0 else np.where(np.arange(nq) >= nq - r, k + 1, k).astype(np.int32)
 
@@ -168,7 +211,7 @@ def select_blocks(
     if cfg.threshold is not None:
         mask = scores > cfg.threshold
     else:
-        kk = row_k(cfg.density, nq, nk, causal)
+        kk = row_k(cfg.density, nq, nk, causal, cfg.budget)
         if isinstance(kk, int) and kk >= nk:  # (a per-row k means some rows keep fewer than nk)
             mask = jnp.ones(scores.shape, bool)
         else:

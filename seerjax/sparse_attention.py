@@ -5,7 +5,7 @@ layer's block max-pooled attention map (the target), plus the gate's logits on s
 ``"seer"`` — inference: gate → block selection → `block_sparse_attention`. ``"oracle"`` and the
 training-free baselines ``"streaming"``, ``"vertical_slash"``, ``"quest"``, ``"moba"`` select blocks from
 other scores with the same TopK, so all compare at matched density. Selection settings come from the
-attention config (`density` or `threshold`, `keep_first`, `dense_last_rows`, `block_size`), not from code;
+attention config (`density` or `threshold`, `keep_first`, `dense_last_rows`, `budget`, `block_size`), not from code;
 `decode_tokens` makes the last rows dense, as tokens decoded after a sparse prefill are.
 """
 

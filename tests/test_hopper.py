@@ -195,6 +195,8 @@ def test_stages_and_consumers_options(monkeypatch):
         hopper.make_hopper_plan(sh, 2, False, emit_stats=True, persistent=132)
     with pytest.raises(ValueError, match="persistent"):
         hopper.make_hopper_plan(sh, 2, False, persistent=-1)
+    with pytest.raises(ValueError, match="head_major"):
+        hopper.make_hopper_plan(sh, 2, False, head_major=True)
     plan = hopper.make_hopper_plan(sh, 2, False, consumers=2, pair_blocks=True, persistent=132)
     assert hopper.smem_bytes(plan) == 2 * (2 * 2 * 64 * 128 + 2 * 2 * 2 * 64 * 128) <= 227 * 1024
     _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
@@ -251,6 +253,8 @@ SCHEDULE_CASES = [
     # persistent CTAs: several items each (ring and Q buffers running on across items), and more CTAs than items
     pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), dict(FAST, pingpong=True, persistent=3),
                  id="persistent-fast-pingpong"),
+    pytest.param((2, 256, 256, 8, 2, 64, 64, True, True, "bfloat16", False, 0.5),
+                 dict(FAST, pingpong=True, persistent=3, head_major=True), id="persistent-head-major-G4-batch2"),
     pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", True, 0.5), dict(persistent=4, stages=3),
                  id="persistent-q-mask"),
     pytest.param((1, 128, 128, 2, 1, 64, 64, True, False, "bfloat16", False, 0.7), dict(FAST, persistent=5),
@@ -267,6 +271,9 @@ def test_schedule_options_match_reference_in_interpret_mode(case, launch):
         pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
 
     sh, q, k, v, mask, lengths = _random_problem(case, seed=2)
+    # An empty list row in the middle of every head (a persistent CTA must pass an item with no steps
+    # without its compute warpgroups drifting apart).
+    mask = mask.at[:, :, sh.nq // 2].set(False)
     counts = np.asarray(mask).sum(-1)
     assert (counts % 2 == 1).any()  # the padded last step is exercised
     gpu_interpret.reset_gpu_interpret_mode_state()
@@ -389,6 +396,7 @@ LAUNCH_CASES = [
         ("persistent-fast", dict(FAST, persistent=132), (0, 1, 2, 7, 8)),
         ("persistent-fast-pingpong", dict(FAST, consumers=2, pingpong=True, persistent=132), (2, 7)),
         ("persistent-few-ctas", dict(persistent=7), (2, 3)),
+        ("persistent-head-major", dict(FAST, consumers=2, pingpong=True, persistent=132, head_major=True), (2, 7)),
     )
     for i in cases
 ]
@@ -437,6 +445,22 @@ def test_dispatch_entry_is_registered_and_checks_the_device():
 
     assert "hopper" in api._SPARSE
     assert not hopper.is_hopper_device(jax.devices("cpu")[0])
+    assert hopper.sm_count(jax.devices("cpu")[0]) >= 1
+
+
+def test_tuned_launch_choices_and_lowering(monkeypatch):
+    """The dispatch's launch per mask kind, and the per-KV-head one lowers at the production shape."""
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
+    assert hopper.tuned_launch(sh, 32, 132) is None  # per-query-head masks at block 64: the Triton kernel
+    launch = hopper.tuned_launch(sh, 8, 132)
+    assert launch == dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True, auto_barriers=False,
+                          persistent=132, head_major=True)
+    text, modules = _lower(q, kv, n, sh, 8, monkeypatch, **launch)
+    _check_module(text, modules, sh, "bf16", keys_per_step=128)
+    _, _, _, sh3 = _shape(1, 512, 512, 6, 2, 128, 64)  # G = 3: one compute warpgroup, so no ping-pong
+    assert hopper.tuned_launch(sh3, 2, 132)["pingpong"] is False
+    _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
+    assert hopper.tuned_launch(sh128, 2, 132) == {}
 
 
 # --------------------------------------------------------------------------------------------------

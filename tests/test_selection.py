@@ -21,6 +21,7 @@ from seerjax.selection import (
     achieved_density,
     causal_blocks,
     moba_scores,
+    proportional_budgets,
     quest_scores,
     row_budgets,
     select_blocks,
@@ -71,6 +72,35 @@ def test_topk_budgets_add_up_to_the_density_exactly(nq, nk, causal, density):
     assert 0 <= r < nq and k >= 1
     if causal and nq == nk and density == 0.1 and nq == 128:
         assert (k, topk_budget(density, nq)) == (6, 6) and r == 72  # the seed leaves 72 blocks per head unused
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(128, 128, True), (32, 32, True), (20, 56, True), (33, 33, False)])
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
+def test_proportional_budgets_follow_each_rows_share_and_add_up(nq, nk, causal, density):
+    """budget="proportional": each row keeps about density x its visible blocks (at least one, at most all), the
+    same total as the uniform rule, and select_blocks keeps exactly that many per row."""
+    seen = np.asarray(causal_blocks(nq, nk, causal)).sum(-1)
+    target = max(nq, int(np.floor(density * seen.sum() + 1e-9)))
+    k = proportional_budgets(density, nq, nk, causal)
+    assert k.dtype == np.int32 and k.shape == (nq,)
+    assert (k >= 1).all() and (k <= seen).all()
+    assert k.sum() == target  # every case here has more blocks to give than rows
+    share = density * seen
+    assert (np.abs(k - share) < 2).all()  # never more than a block (and the clamp's one) off its share
+    if causal and nq == nk:  # the last rows keep as large a share as the rest, unlike the uniform rule
+        ku, _ = row_budgets(density, nq, nk, causal)
+        assert k[-1] >= ku and abs(k[-1] - density * nk) < 2  # (the early rows' one-block floor comes off the last)
+    cfg = SelectionConfig(density=density, budget="proportional")
+    mask = np.asarray(select_blocks(_scores(nq=nq, nk=nk), cfg, causal=causal))
+    np.testing.assert_array_equal(mask.sum(-1), np.broadcast_to(k, mask.shape[:-1]))
+    assert np.diagonal(mask, offset=nk - nq, axis1=2, axis2=3).all()
+
+
+def test_bad_budget_rule_is_named():
+    with pytest.raises(SelectionError, match="budget must be one of.*'even'"):
+        SelectionConfig(density=0.1, budget="even")
+    with pytest.raises(EvalError, match="budget must be one of.*'even'"):
+        EvalSettings(model="m", gates=None, data="d", seq_len=64, out="o", budget="even")
 
 
 def test_row_budgets_bad_density_is_named():

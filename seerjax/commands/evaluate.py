@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every sparse method also keeps the first key block (the attention sink)")
     p.add_argument("--dense-last-rows", type=int, default=0,
                    help="every sparse method attends densely in the last N query blocks (default 0)")
+    p.add_argument("--budget", default="uniform", choices=("uniform", "proportional"),
+                   help="how TopK spreads a density over the query rows: the same k per row (uniform, the seed's "
+                   "rule) or about `density` of each row's visible blocks (proportional)")
     p.add_argument("--num-sequences", type=int, default=8, help="held-out sequences for perplexity")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--retrieval-lengths", type=_ints, default=(), help="passkey document lengths (default: --seq-len)")
@@ -59,7 +62,7 @@ def run(args) -> int:
     settings = EvalSettings(
         model=args.model, gates=args.gates, data=args.data, seq_len=args.seq_len, out=args.out,
         densities=args.densities, methods=args.methods, thresholds=args.thresholds,
-        keep_first=args.keep_first, dense_last_rows=args.dense_last_rows,
+        keep_first=args.keep_first, dense_last_rows=args.dense_last_rows, budget=args.budget,
         num_sequences=args.num_sequences, batch=args.batch, retrieval_lengths=args.retrieval_lengths,
         retrieval_depths=args.retrieval_depths, retrieval_samples=args.retrieval_samples,
         block_size=args.block_size, dtype=args.dtype, implementation=args.implementation, mesh=args.mesh, seed=args.seed,
