@@ -62,7 +62,14 @@ def pooled_variants(bs, implementation):
                 q, k, v, shape, interpret=name == "pallas_interpret", passes=passes)
         return fn
 
-    return [("pooled (1-pass)", forced(1)), ("pooled (2-pass)", forced(2))]
+    rows = [("pooled (1-pass)", forced(1)), ("pooled (2-pass)", forced(2))]
+    if implementation is None and name == "pallas":
+        from seerjax.kernels.hopper import POOLED_LAUNCH, is_hopper_device
+
+        if is_hopper_device() and POOLED_LAUNCH is not None:  # what implementation=None runs there
+            rows.insert(0, ("pooled (default: Mosaic GPU)",
+                            lambda q, k, v: attention_with_pooling(q, k, v, block_size=bs)))
+    return rows
 
 
 def _sparse(q, k, v, m, *, bs, implementation):

@@ -55,7 +55,7 @@ def parse_tiles(text: str):
     return tiles
 
 
-def sweep_pooled(t: int, tiles=None, rounds: int = 1) -> list[dict]:
+def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dict]:
     """Every tile (or the given ones) of the one-pass kernel, `rounds` times interleaved with cuDNN, so tiles
     compared side by side see the same clocks; each row is one (round, tile) timing."""
     from seerjax.kernels import pooling
@@ -90,10 +90,17 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1) -> list[dict]:
     from seerjax.kernels import hopper
 
     if hopper.is_hopper_device() and hopper.pooling_supported(shape, q.dtype):
-        ms = _time(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, shape), q, k, v)
-        rows.append({"kernel": "pooled (Mosaic GPU)", "ms": ms, "cudnn_ms": cudnn, "vs_cudnn": ms / cudnn,
-                     "default": False})
-        print(f"pooled, Mosaic GPU (kernels/hopper.py): {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN)", flush=True)
+        for launch in launches or [None]:
+            key = "first version" if launch is None else "-".join(f"{a}={b}" for a, b in sorted(launch.items()))
+            fn = jax.jit(lambda q, k, v, launch=launch: hopper.attention_with_pooling_hopper(
+                q, k, v, shape, launch=launch or {}))
+            for r in range(rounds):
+                cudnn = median_ms(dense, q, k, v)
+                ms = _time(fn, q, k, v)
+                rows.append({"kernel": "pooled (Mosaic GPU)", "launch": key, "round": r, "ms": ms, "cudnn_ms": cudnn,
+                             "vs_cudnn": ms / cudnn, "default": False})
+                print(f"round {r} pooled, Mosaic GPU {key}: {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN {cudnn:.3f})",
+                      flush=True)
     return rows
 
 
@@ -217,7 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default=None, help="pooled only: these tiles, e.g. 128x64x4x2,128x64x8x3 (default: all)")
     p.add_argument("--rounds", type=int, default=1, help="pooled only: time cuDNN and every tile this many times")
     p.add_argument("--launches", default=None,
-                   help="hopper only: these launches (e.g. c2,c2-pp,c2-fast; see parse_launches) with cuDNN in the same "
+                   help="hopper (and pooled: the Mosaic GPU pooled forward's launches): these launches (e.g. c2,c2-pp,c2-fast; see parse_launches) with cuDNN in the same "
                    "rounds, instead of the full stages/consumers/tiles/pingpong grid")
     p.add_argument("--masks", default="query,kv", help="hopper --launches only: mask kinds (query, kv)")
     p.add_argument("--json", default=None)
@@ -225,7 +232,8 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.kernel == "pooled":
-        rows = sweep_pooled(args.length, parse_tiles(args.tiles) if args.tiles else None, args.rounds)
+        rows = sweep_pooled(args.length, parse_tiles(args.tiles) if args.tiles else None, args.rounds,
+                            parse_launches(args.launches) if args.launches else None)
     elif args.kernel == "hopper":
         masks = tuple(filter(None, args.masks.split(",")))
         if not set(masks) <= {"query", "kv"}:

@@ -2,9 +2,10 @@
 
 Each implementation name maps to a function of the validated inputs. ``implementation=None`` picks
 the fastest one for the platform: the compiled Pallas kernels (Triton lowering) on GPU, Pallas interpret
-mode on CPU; for block-sparse attention on sm_90+ GPUs, ``"hopper"``. ``"hopper"`` (block-sparse only) runs the
+mode on CPU; on sm_90+ GPUs, ``"hopper"``. ``"hopper"`` runs the
 Mosaic GPU forward on sm_90+ where it was measured faster (per-KV-head masks: 1.4× the Triton kernel's speed
-at 32k and 128k tokens, docs/benchmarks.md) and the Triton kernel otherwise.
+at 32k and 128k tokens, docs/benchmarks.md) and the Triton kernel otherwise; for attention_with_pooling, the
+Mosaic GPU pooled forward where :data:`seerjax.kernels.hopper.POOLED_LAUNCH` is set, else the Triton kernel.
 ``"reference"`` (pure jnp) is always available.
 """
 
@@ -23,8 +24,8 @@ _POOLING = {
     "reference": ("seerjax.kernels.reference", "attention_with_pooling_reference", {}),
     "pallas": ("seerjax.kernels.pooling", "attention_with_pooling_pallas", {"interpret": False}),
     "pallas_interpret": ("seerjax.kernels.pooling", "attention_with_pooling_pallas", {"interpret": True}),
-    # No Mosaic GPU pooled kernel yet: the Hopper entry means the portable one here.
-    "hopper": ("seerjax.kernels.pooling", "attention_with_pooling_pallas", {"interpret": False}),
+    # Mosaic GPU pooled forward on sm_90+ where it was measured faster, else the portable one (kernels/hopper.py).
+    "hopper": ("seerjax.kernels.hopper", "attention_with_pooling_sm90", {}),
 }
 _SPARSE = {
     "reference": ("seerjax.kernels.reference", "block_sparse_attention_reference", {}),
@@ -44,10 +45,10 @@ def default_implementation() -> str:
 
 def _resolve(table: dict, implementation: str | None) -> Callable:
     name = default_implementation() if implementation is None else implementation
-    if implementation is None and table is _SPARSE and name == "pallas":
+    if implementation is None and name == "pallas":
         from seerjax.kernels.hopper import is_hopper_device
 
-        if is_hopper_device():  # the Mosaic GPU forward where it is faster, else the same Triton kernel
+        if is_hopper_device():  # the Mosaic GPU kernels where they are faster, else the same Triton kernels
             name = "hopper"
     if name not in table:
         raise KernelInputError(f"implementation must be None or one of {sorted(table)}, got {implementation!r}")

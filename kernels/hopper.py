@@ -107,14 +107,16 @@ class HopperPlan:
         halves of one ring slot (two TMA copies on one barrier), and the compute warpgroups run S = Q Kᵀ on a
         64 × 2·block tile and one P V product over both (FlashAttention-3's 128-key tiles from a 64-block mask:
         half the barrier round trips and softmax reductions per FLOP). An odd count's last step fetches its
-        block twice and masks the second copy out. Block 64 only, one tile per warpgroup, no `emit_stats`.
+        block twice and masks the second copy out. Block 64 only, one tile per warpgroup. With `emit_stats`
+        each half's row maximum is reduced and stored separately (the padded copy's is not stored).
       early_wait: wait for the next step's K while this step's P V wgmma runs (FlashAttention-3's order),
         instead of at the top of the next step.
       auto_barriers: let Pallas put a warpgroup barrier around every shared-memory store and before every TMA
-        issue (its conservative default). The forward needs none of them: its only shared-memory stores are
-        the output tile, which `commit_smem` (a fence and a warpgroup barrier) orders before the TMA store, and
-        the ring's slots are guarded by the free/ready mbarriers. `emit_stats` keeps them (its stage buffer is
-        rewritten after a store that only the issuing thread waits for).
+        issue (its conservative default). The forward needs none of them: its shared-memory stores (the output
+        tile; with `emit_stats` the row-max and LSE stages) are each followed by `commit_smem` (a fence and a
+        warpgroup barrier) before their TMA store, a stage is rewritten only after `wait_smem_to_gmem` (which
+        ends in a warpgroup barrier) saw its last store read it, and the ring's slots are guarded by the
+        free/ready mbarriers.
       persistent: 0 (one CTA per work item: a list row's query block and CTA chunk), or the number of CTAs
         of a persistent grid (the GPU's SM count): each CTA walks items cta, cta + P, ... in the same long-rows-
         first order, its producer loading the next item's Q (two Q buffers) and K/V (the ring runs on across
@@ -206,15 +208,13 @@ def make_hopper_plan(
         )
     if emit_stats and tiles_per_wg != 1:
         raise ValueError(f"emit_stats needs tiles_per_wg=1, got {tiles_per_wg}")
-    if pair_blocks and (shape.block_size != 64 or tiles_per_wg != 1 or emit_stats):
+    if pair_blocks and (shape.block_size != 64 or tiles_per_wg != 1):
         raise ValueError(
-            f"pair_blocks needs block_size 64, tiles_per_wg=1 and no emit_stats; got block_size {shape.block_size}, "
-            f"tiles_per_wg={tiles_per_wg}, emit_stats={emit_stats}"
+            f"pair_blocks needs block_size 64 and tiles_per_wg=1; got block_size {shape.block_size}, "
+            f"tiles_per_wg={tiles_per_wg}"
         )
     if auto_barriers is None:
         auto_barriers = True
-    if emit_stats and not auto_barriers:
-        raise ValueError("emit_stats needs auto_barriers=True (its stage buffer relies on them)")
     if not isinstance(persistent, int) or persistent < 0 or (persistent and emit_stats):
         raise ValueError(f"persistent must be 0 or a CTA count >= 1, and 0 with emit_stats; got {persistent!r}")
     if head_major and not persistent:
@@ -357,7 +357,7 @@ def _kernel_body(
     dtype = q_ref.dtype
     (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped[:4]
     if plan.emit_stats:
-        rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, 64] and [consumers, 64]
+        rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, per_step, 64] and [consumers, 64]
 
     def schedule_point():  # pingpong: arrive, then wait for the other compute warpgroup's matching arrival
         plgpu.barrier_arrive(schedule)
@@ -446,7 +446,13 @@ def _kernel_body(
                     cols = key_columns(start)
                     vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
                     s = jnp.where(vis, s, -jnp.inf)
-                block_max = s.max(axis=1) * scale2
+                if plan.emit_stats and per_step == 2:  # each 64-key block's row maximum, for the pooled map
+                    c = iota((WG_ROWS, kw), 1)
+                    halves = tuple(jnp.where(sel, s, -jnp.inf).max(axis=1) * scale2 for sel in (c < bs, c >= bs))
+                    block_max = jnp.maximum(*halves)
+                else:
+                    block_max = s.max(axis=1) * scale2
+                    halves = (block_max,)
                 m_next = jnp.maximum(m_prev, block_max)
                 if masked:  # a row may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
                     m_use = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -456,7 +462,7 @@ def _kernel_body(
                 alpha = jnp.exp2(m_prev - m_use)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_next = l_prev * alpha + p.sum(axis=1)
-                return p.astype(dtype), acc, m_next, l_next, block_max
+                return p.astype(dtype), acc, m_next, l_next, halves
 
             def wait_next_k(i):  # early_wait: the next step's K, while this step's P V wgmma runs
                 @pl.when(i + 1 < it.n_steps)
@@ -483,15 +489,27 @@ def _kernel_body(
                 for (slot_q, row0, _), carry_j in zip(tiles, carry):
                     s_j = dot_nt(q_smem.at[buf, slot_q], k_smem.at[slot], interpreted,
                                  after_issue=schedule_point if plan.pingpong else None)
-                    *update, block_max = softmax_update(s_j, row0, start, *carry_j, masked=masked)
+                    *update, halves = softmax_update(s_j, row0, start, *carry_j, masked=masked)
                     updated.append(update)
                     if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
-                        stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2))]
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store two steps ago has read it
-                        stage[...] = block_max
-                        plgpu.commit_smem()
-                        key_block = lists_ref[it.b, it.mhead, it.qblk, i]
-                        plgpu.copy_smem_to_gmem(stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
+                        for e, row_max in enumerate(halves):
+                            entry = i * per_step + e
+
+                            def store(e=e, row_max=row_max, entry=entry):
+                                stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2)), e]
+                                # The stores issued since this slot's last one: the rest of that step's, the
+                                # previous step's and this step's so far (2·per_step - 1): the one before has read it.
+                                plgpu.wait_smem_to_gmem(2 * per_step - 1, wait_read_only=True)
+                                stage[...] = row_max
+                                plgpu.commit_smem()
+                                key_block = lists_ref[it.b, it.mhead, it.qblk, entry]
+                                plgpu.copy_smem_to_gmem(
+                                    stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
+
+                            if e == 0:
+                                store()
+                            else:  # an odd count's padded last entry has no block of its own
+                                pl.when(entry < it.count)(store)
                 plgpu.barrier_arrive(k_free.at[slot])
                 if plan.pingpong:
                     plgpu.barrier_arrive(schedule)  # softmax done
@@ -617,7 +635,8 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
 
     def entry(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs):
         stats = (
-            (plgpu.SMEM((consumers, 2, WG_ROWS), jnp.float32), plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),
+            (plgpu.SMEM((consumers, 2, plan.per_step, WG_ROWS), jnp.float32),
+             plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),
         ) if plan.emit_stats else ()
         pl.run_scoped(
             lambda *scoped: _kernel_body(
@@ -833,13 +852,23 @@ def pooling_supported(shape: AttentionShape, dtype) -> bool:
     return hopper_supported(shape, shape.kv_heads, dtype)
 
 
-def attention_with_pooling_hopper(q, k, v, shape: AttentionShape, *, lengths=None, return_lse=False, interpret=None):
+# The pooled forward's launch, measured on the H100 (docs/kernel_notes.md, eighth session): None = the first
+# version's (two heads per CTA, no pairing); a dict of make_hopper_plan options otherwise.
+POOLED_LAUNCH = None
+POOLED_ROWMAX_BUDGET = 4 * 2**30  # bytes of float32 row maxima per call before the heads are chunked
+
+
+def attention_with_pooling_hopper(
+    q, k, v, shape: AttentionShape, *, lengths=None, return_lse=False, interpret=None, launch: dict | None = None,
+    rowmax_budget: int = POOLED_ROWMAX_BUDGET,
+):
     """`attention_with_pooling` on Hopper (Pallas Mosaic GPU): the block-sparse forward over every visible block
     (one K/V stream per GQA pair of heads), writing each row's max scaled logit per key block and its log-sum-exp;
     one XLA reduction then pools them, as the portable one-pass path does. Not differentiable.
 
-    The row-max buffer is float32 `[B, Hq, nk, T]` (2 GiB at 32k tokens for Llama-3-8B's 32 heads); this first
-    version has no chunking over heads, so at 128k it needs 34 GB.
+    The row-max buffer is float32 `[B, Hq, nk, T]`: 2 GiB at 32k tokens for Llama-3-8B's 32 heads, 32 GiB at 128k.
+    Above `rowmax_budget` bytes the KV heads run in chunks (whole GQA groups, at least one per chunk), one kernel
+    call each. `launch`: make_hopper_plan options (default :data:`POOLED_LAUNCH`; `emit_stats` is implied).
     """
     if not pooling_supported(shape, q.dtype):
         raise ValueError(
@@ -847,8 +876,35 @@ def attention_with_pooling_hopper(q, k, v, shape: AttentionShape, *, lengths=Non
             f"{shape.head_dim}, block_size {shape.block_size}; expected dtype in {[t.name for t in SUPPORTED_DTYPES]}, "
             f"head_dim in {SUPPORTED_HEAD_DIMS}, block_size in {SUPPORTED_BLOCK_SIZES} (use the portable kernel)"
         )
-    plan = make_hopper_plan(shape, shape.kv_heads, lengths is not None, emit_stats=True)
+    launch = dict(POOLED_LAUNCH or {}) if launch is None else dict(launch)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
-    out, pooled, lse = _pooled_forward_jit(q, k, v, lengths, plan, interpret)
+    per_group = shape.batch * shape.group * shape.nk * shape.nq * shape.block_size * 4
+    groups = max(1, min(shape.kv_heads, int(rowmax_budget) // per_group))
+    parts = []
+    for g0 in range(0, shape.kv_heads, groups):
+        g1 = min(shape.kv_heads, g0 + groups)
+        sub = dataclasses.replace(shape, q_heads=(g1 - g0) * shape.group, kv_heads=g1 - g0)
+        plan = make_hopper_plan(sub, sub.kv_heads, lengths is not None, emit_stats=True, **launch)
+        qs = q if g1 - g0 == shape.kv_heads else q[:, :, g0 * shape.group: g1 * shape.group]
+        ks, vs = (k, v) if g1 - g0 == shape.kv_heads else (k[:, :, g0:g1], v[:, :, g0:g1])
+        parts.append(_pooled_forward_jit(qs, ks, vs, lengths, plan, interpret))
+    if len(parts) == 1:
+        out, pooled, lse = parts[0]
+    else:
+        out = jnp.concatenate([p[0] for p in parts], axis=2)
+        pooled = jnp.concatenate([p[1] for p in parts], axis=1)
+        lse = jnp.concatenate([p[2] for p in parts], axis=1)
     return (out, pooled, lse) if return_lse else (out, pooled)
+
+
+def attention_with_pooling_sm90(q, k, v, shape: AttentionShape, *, lengths=None, return_lse=False):
+    """The kernels dispatch's pooled `"hopper"` entry: the Mosaic GPU pooled forward on sm_90+ where it is
+    supported and :data:`POOLED_LAUNCH` is set (measured faster than the portable one-pass kernel), the portable
+    Triton kernel otherwise. Not differentiable on the Mosaic GPU path, as the portable one is not either."""
+    from seerjax.kernels import pooling
+
+    if POOLED_LAUNCH is not None and is_hopper_device() and pooling_supported(shape, q.dtype):
+        return attention_with_pooling_hopper(q, k, v, shape, lengths=lengths, return_lse=return_lse)
+    return pooling.attention_with_pooling_pallas(q, k, v, shape, lengths=lengths, return_lse=return_lse,
+                                                 interpret=False)

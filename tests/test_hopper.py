@@ -187,10 +187,7 @@ def test_stages_and_consumers_options(monkeypatch):
         hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2, pingpong=True)
     with pytest.raises(ValueError, match="pair_blocks"):
         hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2, pair_blocks=True)
-    with pytest.raises(ValueError, match="pair_blocks"):
-        hopper.make_hopper_plan(sh, 2, False, emit_stats=True, pair_blocks=True)
-    with pytest.raises(ValueError, match="auto_barriers"):
-        hopper.make_hopper_plan(sh, 2, False, emit_stats=True, auto_barriers=False)
+    assert hopper.make_hopper_plan(sh, 2, False, emit_stats=True, pair_blocks=True, auto_barriers=False).per_step == 2
     with pytest.raises(ValueError, match="persistent"):
         hopper.make_hopper_plan(sh, 2, False, emit_stats=True, persistent=132)
     with pytest.raises(ValueError, match="persistent"):
@@ -513,6 +510,40 @@ def test_pooled_matches_reference_in_interpret_mode(case):
     _assert_pooled_outputs_match(got, want)
 
 
+@pytest.mark.parametrize("case,launch,budget", [
+    pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "bfloat16"), dict(FAST, consumers=2, pingpong=True), 1,
+                 id="fast-pingpong-2-chunks"),
+    pytest.param((2, 150, 150, 2, 1, 64, 64, True, True, "float16"), FAST, None, id="fast-lengths-partial"),
+])
+def test_pooled_launch_options_and_head_chunks_in_interpret_mode(case, launch, budget):
+    """The pooled forward with pairs (a row maximum per 64-key half; an odd count's padded half not stored),
+    the early K wait and no automatic barriers; and with the row-max budget under one GQA group, KV heads in
+    chunks of one group each."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as err:
+        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
+    from seerjax.kernels import api
+
+    b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype = case
+    sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0), seed=3)
+    extra = {} if budget is None else {"rowmax_budget": budget}
+    gpu_interpret.reset_gpu_interpret_mode_state()
+    try:
+        got = hopper.attention_with_pooling_hopper(
+            q, k, v, sh, lengths=lengths, return_lse=True, interpret=InterpretGPUParams(detect_races=True),
+            launch=launch, **extra)
+        got = [np.asarray(x, np.float32) for x in got]
+        assert not gpu_interpret.get_races().races_found
+    finally:
+        gpu_interpret.reset_gpu_interpret_mode_state()
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = api.attention_with_pooling(f32(q), f32(k), f32(v), causal=causal, block_size=bs, lengths=lengths,
+                                      return_lse=True, implementation="reference")
+    _assert_pooled_outputs_match(got, want)
+
+
 def test_pooled_plan_checks():
     q, kv, n, sh = _shape(1, 512, 512, 8, 2, 128, 64)
     with pytest.raises(ValueError, match="emit_stats"):
@@ -524,24 +555,32 @@ def test_pooled_plan_checks():
         hopper.attention_with_pooling_hopper(jnp.zeros(q32.shape), jnp.zeros(kv32.shape), jnp.zeros(kv32.shape), sh32)
 
 
-def test_pooled_lowers_for_cuda_at_production_shape():
+@pytest.mark.parametrize("launch", [None, dict(FAST, consumers=2, pingpong=True)], ids=["first", "fast-pingpong"])
+def test_pooled_lowers_for_cuda_at_production_shape(launch):
     q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
-    text = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, sh)).trace(q, kv, kv).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 1
+    text = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, sh, launch=launch)).trace(
+        q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1  # 2 GiB of row maxima: under the budget, one call
+    q, kv, n, sh = _shape(1, 131072, 131072, 32, 8, 128, 64)
+    text = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, sh, launch=launch)).trace(
+        q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    # 32 GiB at 128k: one GQA group's 4 GiB of row maxima per call
+    assert "1x4x2048x131072xf32" in text and "1x32x2048x131072xf32" not in text
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", [None, dict(FAST, consumers=2, pingpong=True)], ids=["first", "fast-pingpong"])
 @pytest.mark.parametrize("case", [(1, 777, 777, 8, 2, 128, 64, True, True, "bfloat16"),
                                   (1, 8192, 8192, 8, 2, 128, 64, True, False, "bfloat16")])
-def test_pooled_matches_reference_on_gpu(case):
+def test_pooled_matches_reference_on_gpu(case, launch):
     if not _gpu_available():
         pytest.skip("needs a Hopper GPU")
     from seerjax.kernels import api
 
     b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype = case
     sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0), seed=4)
-    got = hopper.attention_with_pooling_hopper(q, k, v, sh, lengths=lengths, return_lse=True)
+    got = hopper.attention_with_pooling_hopper(q, k, v, sh, lengths=lengths, return_lse=True, launch=launch,
+                                               rowmax_budget=2**20)  # (chunks of one GQA group)
     want = api.attention_with_pooling(q, k, v, causal=causal, block_size=bs, lengths=lengths, return_lse=True,
                                       implementation="pallas")
     _assert_pooled_outputs_match(got, want)
