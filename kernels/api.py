@@ -5,7 +5,8 @@ the fastest one for the platform: the compiled Pallas kernels (Triton lowering) 
 mode on CPU; on sm_90+ GPUs, ``"hopper"``. ``"hopper"`` runs the
 Mosaic GPU forward on sm_90+ where it was measured faster (per-KV-head masks: 1.4× the Triton kernel's speed
 at 32k and 128k tokens, docs/benchmarks.md) and the Triton kernel otherwise; for attention_with_pooling, the
-Mosaic GPU pooled forward where :data:`seerjax.kernels.hopper.POOLED_LAUNCH` is set, else the Triton kernel.
+Mosaic GPU pooled forward where :func:`seerjax.kernels.hopper.tuned_pooled_launch` gives a launch (block 64, 16k
+tokens or more), else the Triton kernel.
 ``"reference"`` (pure jnp) is always available.
 """
 

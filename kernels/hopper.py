@@ -852,10 +852,18 @@ def pooling_supported(shape: AttentionShape, dtype) -> bool:
     return hopper_supported(shape, shape.kv_heads, dtype)
 
 
-# The pooled forward's launch, measured on the H100 (docs/kernel_notes.md, eighth session): None = the first
-# version's (two heads per CTA, no pairing); a dict of make_hopper_plan options otherwise.
-POOLED_LAUNCH = None
 POOLED_ROWMAX_BUDGET = 4 * 2**30  # bytes of float32 row maxima per call before the heads are chunked
+POOLED_MIN_LEN = 16384  # shorter calls keep the portable kernel: the Mosaic GPU one was timed at 32k and 128k only
+
+
+def tuned_pooled_launch(shape: AttentionShape) -> dict | None:
+    """The pooled forward's launch measured fastest on an H100 (docs/kernel_notes.md, eighth session), or None
+    where the portable one-pass kernel is the default: pairs, early K wait, no automatic barriers (17.6–18.3 ms
+    at 32k against the portable kernel's 18.8–18.9; ping-pong was slower here, 19.4–19.5), for queries of at
+    least POOLED_MIN_LEN tokens at block 64."""
+    if shape.q_len < POOLED_MIN_LEN or shape.block_size != 64 or not pooling_supported(shape, jnp.bfloat16):
+        return None
+    return dict(consumers=2 if shape.group % 2 == 0 else 1, pair_blocks=True, early_wait=True, auto_barriers=False)
 
 
 def attention_with_pooling_hopper(
@@ -868,7 +876,8 @@ def attention_with_pooling_hopper(
 
     The row-max buffer is float32 `[B, Hq, nk, T]`: 2 GiB at 32k tokens for Llama-3-8B's 32 heads, 32 GiB at 128k.
     Above `rowmax_budget` bytes the KV heads run in chunks (whole GQA groups, at least one per chunk), one kernel
-    call each. `launch`: make_hopper_plan options (default :data:`POOLED_LAUNCH`; `emit_stats` is implied).
+    call each. `launch`: make_hopper_plan options (default: the first version's, two heads per CTA;
+    `emit_stats` is implied).
     """
     if not pooling_supported(shape, q.dtype):
         raise ValueError(
@@ -876,7 +885,7 @@ def attention_with_pooling_hopper(
             f"{shape.head_dim}, block_size {shape.block_size}; expected dtype in {[t.name for t in SUPPORTED_DTYPES]}, "
             f"head_dim in {SUPPORTED_HEAD_DIMS}, block_size in {SUPPORTED_BLOCK_SIZES} (use the portable kernel)"
         )
-    launch = dict(POOLED_LAUNCH or {}) if launch is None else dict(launch)
+    launch = dict(launch or {})
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
     per_group = shape.batch * shape.group * shape.nk * shape.nq * shape.block_size * 4
@@ -899,12 +908,13 @@ def attention_with_pooling_hopper(
 
 
 def attention_with_pooling_sm90(q, k, v, shape: AttentionShape, *, lengths=None, return_lse=False):
-    """The kernels dispatch's pooled `"hopper"` entry: the Mosaic GPU pooled forward on sm_90+ where it is
-    supported and :data:`POOLED_LAUNCH` is set (measured faster than the portable one-pass kernel), the portable
-    Triton kernel otherwise. Not differentiable on the Mosaic GPU path, as the portable one is not either."""
+    """The kernels dispatch's pooled `"hopper"` entry (and `implementation=None` on sm_90+): the Mosaic GPU pooled
+    forward with :func:`tuned_pooled_launch` where that gives one (measured faster than the portable one-pass
+    kernel), the portable Triton kernel otherwise. Neither is differentiable."""
     from seerjax.kernels import pooling
 
-    if POOLED_LAUNCH is not None and is_hopper_device() and pooling_supported(shape, q.dtype):
-        return attention_with_pooling_hopper(q, k, v, shape, lengths=lengths, return_lse=return_lse)
+    launch = tuned_pooled_launch(shape) if is_hopper_device() and pooling_supported(shape, q.dtype) else None
+    if launch is not None:
+        return attention_with_pooling_hopper(q, k, v, shape, lengths=lengths, return_lse=return_lse, launch=launch)
     return pooling.attention_with_pooling_pallas(q, k, v, shape, lengths=lengths, return_lse=return_lse,
                                                  interpret=False)

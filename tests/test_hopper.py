@@ -458,6 +458,12 @@ def test_tuned_launch_choices_and_lowering(monkeypatch):
     assert hopper.tuned_launch(sh3, 2, 132)["pingpong"] is False
     _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
     assert hopper.tuned_launch(sh128, 2, 132) == {}
+    # the pooled forward: Mosaic GPU from 16k tokens at block 64 (where it was timed), the portable kernel below
+    assert hopper.tuned_pooled_launch(sh) == dict(consumers=2, pair_blocks=True, early_wait=True, auto_barriers=False)
+    _, _, _, sh8k = _shape(1, 8192, 8192, 32, 8, 128, 64)
+    assert hopper.tuned_pooled_launch(sh8k) is None and hopper.tuned_pooled_launch(sh128) is None
+    _, _, _, sh32k_g3 = _shape(1, 32768, 32768, 6, 2, 128, 64)
+    assert hopper.tuned_pooled_launch(sh32k_g3)["consumers"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,4 +589,20 @@ def test_pooled_matches_reference_on_gpu(case, launch):
                                                rowmax_budget=2**20)  # (chunks of one GQA group)
     want = api.attention_with_pooling(q, k, v, causal=causal, block_size=bs, lengths=lengths, return_lse=True,
                                       implementation="pallas")
+    _assert_pooled_outputs_match(got, want)
+
+
+@pytest.mark.gpu
+def test_pooled_default_on_hopper_matches_portable_at_16k():
+    """implementation=None on sm_90+ at 16k tokens takes the Mosaic GPU pooled forward (tuned launch); it equals
+    the portable one-pass kernel's outputs."""
+    if not _gpu_available():
+        pytest.skip("needs a Hopper GPU")
+    from seerjax.kernels import api
+
+    case = (1, 16384, 16384, 4, 2, 128, 64, True, False, "bfloat16", False, 1.0)
+    sh, q, k, v, _, _ = _random_problem(case, seed=5)
+    assert hopper.tuned_pooled_launch(sh) is not None and hopper.is_hopper_device()
+    got = api.attention_with_pooling(q, k, v, return_lse=True)
+    want = api.attention_with_pooling(q, k, v, return_lse=True, implementation="pallas")
     _assert_pooled_outputs_match(got, want)
