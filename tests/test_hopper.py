@@ -259,29 +259,34 @@ SCHEDULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,launch", SCHEDULE_CASES)
-def test_schedule_options_match_reference_in_interpret_mode(case, launch):
-    try:
+def _interpreted(run):
+    """`run(interpret_params)` in Mosaic GPU interpret mode with the race detector; its outputs as float32 numpy
+    arrays (a tuple, or one array). Skips where jax's private interpret mode does not import."""
+    try:  # private jax modules (same paths in 0.10.2 and 0.11.x)
         from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError as err:
         pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
+    gpu_interpret.reset_gpu_interpret_mode_state()
+    try:
+        out = run(InterpretGPUParams(detect_races=True))
+        out = [np.asarray(x, np.float32) for x in out] if isinstance(out, tuple) else np.asarray(out)
+        assert not gpu_interpret.get_races().races_found
+    finally:
+        gpu_interpret.reset_gpu_interpret_mode_state()
+    return out
 
+
+@pytest.mark.parametrize("case,launch", SCHEDULE_CASES)
+def test_schedule_options_match_reference_in_interpret_mode(case, launch):
     sh, q, k, v, mask, lengths = _random_problem(case, seed=2)
     # An empty list row in the middle of every head (a persistent CTA must pass an item with no steps
     # without its compute warpgroups drifting apart).
     mask = mask.at[:, :, sh.nq // 2].set(False)
     counts = np.asarray(mask).sum(-1)
     assert (counts % 2 == 1).any()  # the padded last step is exercised
-    gpu_interpret.reset_gpu_interpret_mode_state()
-    try:
-        out = hopper.block_sparse_attention_hopper(
-            q, k, v, mask, sh, lengths=lengths, interpret=InterpretGPUParams(detect_races=True), **launch
-        )
-        out = np.asarray(out)
-        assert not gpu_interpret.get_races().races_found
-    finally:
-        gpu_interpret.reset_gpu_interpret_mode_state()
+    out = _interpreted(lambda params: hopper.block_sparse_attention_hopper(
+        q, k, v, mask, sh, lengths=lengths, interpret=params, **launch))
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
@@ -319,25 +324,11 @@ def _check(out, want, sh, dtype, context):
 
 @pytest.mark.parametrize("case", INTERPRET_CASES)
 def test_matches_reference_in_interpret_mode(case):
-    try:  # private jax modules (same paths in 0.10.2 and 0.11.x)
-        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as err:
-        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
-
     sh, q, k, v, mask, lengths = _random_problem(case, seed=1)
     stages, consumers, tiles_per_wg, pingpong = (*case[12:], None, None)[:4]
-    gpu_interpret.reset_gpu_interpret_mode_state()
-    try:
-        out = hopper.block_sparse_attention_hopper(
-            q, k, v, mask, sh, lengths=lengths, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
-            pingpong=bool(pingpong),
-            interpret=InterpretGPUParams(detect_races=True),
-        )
-        out = np.asarray(out)
-        assert not gpu_interpret.get_races().races_found
-    finally:
-        gpu_interpret.reset_gpu_interpret_mode_state()
+    out = _interpreted(lambda params: hopper.block_sparse_attention_hopper(
+        q, k, v, mask, sh, lengths=lengths, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
+        pingpong=bool(pingpong), interpret=params))
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
 
 
@@ -490,60 +481,23 @@ def _assert_pooled_outputs_match(got, want):
         assert np.abs(g[finite] - w[finite]).max() <= 2e-2 * max(np.abs(w[finite]).max(), 1e-6), name
 
 
-@pytest.mark.parametrize("case", POOLED_CASES)
-def test_pooled_matches_reference_in_interpret_mode(case):
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as err:
-        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
-    from seerjax.kernels import api
-
-    b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype = case
-    sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0), seed=2)
-    gpu_interpret.reset_gpu_interpret_mode_state()
-    try:
-        got = hopper.attention_with_pooling_hopper(
-            q, k, v, sh, lengths=lengths, return_lse=True, interpret=InterpretGPUParams(detect_races=True)
-        )
-        got = [np.asarray(x, np.float32) for x in got]
-        assert not gpu_interpret.get_races().races_found
-    finally:
-        gpu_interpret.reset_gpu_interpret_mode_state()
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    want = api.attention_with_pooling(f32(q), f32(k), f32(v), causal=causal, block_size=bs, lengths=lengths,
-                                      return_lse=True, implementation="reference")
-    _assert_pooled_outputs_match(got, want)
-
-
 @pytest.mark.parametrize("case,launch,budget", [
+    *(pytest.param(c.values[0], None, None, marks=c.marks, id=c.id) for c in POOLED_CASES),
+    # pairs (a row maximum per 64-key half; an odd count's padded half not stored), the early K wait and no
+    # automatic barriers; with a row-max budget under one GQA group, the KV heads in chunks of one group each
     pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "bfloat16"), dict(FAST, consumers=2, pingpong=True), 1,
                  id="fast-pingpong-2-chunks"),
     pytest.param((2, 150, 150, 2, 1, 64, 64, True, True, "float16"), FAST, None, id="fast-lengths-partial"),
 ])
-def test_pooled_launch_options_and_head_chunks_in_interpret_mode(case, launch, budget):
-    """The pooled forward with pairs (a row maximum per 64-key half; an odd count's padded half not stored),
-    the early K wait and no automatic barriers; and with the row-max budget under one GQA group, KV heads in
-    chunks of one group each."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as err:
-        pytest.skip(f"Mosaic GPU interpret mode not importable in this jax: {err}")
+def test_pooled_matches_reference_in_interpret_mode(case, launch, budget):
     from seerjax.kernels import api
 
     b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype = case
-    sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0), seed=3)
+    sh, q, k, v, _, lengths = _random_problem((b, t, s, hq, hkv, d, bs, causal, use_lengths, dtype, False, 1.0),
+                                              seed=2 if launch is None else 3)
     extra = {} if budget is None else {"rowmax_budget": budget}
-    gpu_interpret.reset_gpu_interpret_mode_state()
-    try:
-        got = hopper.attention_with_pooling_hopper(
-            q, k, v, sh, lengths=lengths, return_lse=True, interpret=InterpretGPUParams(detect_races=True),
-            launch=launch, **extra)
-        got = [np.asarray(x, np.float32) for x in got]
-        assert not gpu_interpret.get_races().races_found
-    finally:
-        gpu_interpret.reset_gpu_interpret_mode_state()
+    got = _interpreted(lambda params: hopper.attention_with_pooling_hopper(
+        q, k, v, sh, lengths=lengths, return_lse=True, interpret=params, launch=launch, **extra))
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     want = api.attention_with_pooling(f32(q), f32(k), f32(v), causal=causal, block_size=bs, lengths=lengths,
                                       return_lse=True, implementation="reference")

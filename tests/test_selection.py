@@ -97,8 +97,12 @@ def test_proportional_budgets_follow_each_rows_share_and_add_up(nq, nk, causal, 
 
 
 def test_bad_budget_rule_is_named():
+    assert SelectionConfig.from_options({"density": 0.1, "budget": "proportional"}).budget == "proportional"
+    assert SelectionConfig.from_options({"density": 0.1}).budget == "uniform"
     with pytest.raises(SelectionError, match="budget must be one of.*'even'"):
         SelectionConfig(density=0.1, budget="even")
+    with pytest.raises(SelectionError, match="budget must be one of.*'even'"):
+        SelectionConfig.from_options({"density": 0.1, "budget": "even"})
     with pytest.raises(EvalError, match="budget must be one of.*'even'"):
         EvalSettings(model="m", gates=None, data="d", seq_len=64, out="o", budget="even")
 
