@@ -1,8 +1,9 @@
 """Block-sparse flash attention forward for Hopper (sm_90) in Pallas Mosaic GPU.
 
 Semantics are those of :func:`seerjax.kernels.reference.block_sparse_attention_reference`; the calling
-convention is that of :func:`seerjax.kernels.block_sparse.block_sparse_attention_pallas` (forward only for
-now: no custom VJP yet, so this is not differentiable).
+convention is that of :func:`seerjax.kernels.block_sparse.block_sparse_attention_pallas`. The kernel is a
+forward; the dispatch entry :func:`block_sparse_attention_sm90` makes it differentiable through the portable
+backward.
 
 How the work is laid out (FlashAttention-3-like, warp specialized):
 
@@ -17,9 +18,9 @@ How the work is laid out (FlashAttention-3-like, warp specialized):
     - per-KV-head masks: two query heads of the GQA group (same query rows),
     - per-query-head masks with block 128: the two 64-row halves of the block,
     - per-query-head masks with block 64: one compute warpgroup (nothing else shares the list).
-  With `tiles_per_wg=2` (a tuning option, not yet the default: it has not been timed) each compute warpgroup
-  owns two such tiles and runs both tiles' products on every K/V block it waits for, so 2 warpgroups serve
-  all 4 query heads of a Llama GQA group from one K/V stream (half the shared-memory fill traffic).
+  With `tiles_per_wg=2` (a tuning option, slower than two one-tile warpgroups on the H100) each compute
+  warpgroup owns two such tiles and runs both tiles' products on every K/V block it waits for, so 2 warpgroups
+  serve all 4 query heads of a Llama GQA group from one K/V stream (half the shared-memory fill traffic).
 * The producer walks the list (loop bound = the row's count), and issues TMA copies of K and V of the
   listed key block into a ring of `stages` shared-memory slots, each completing on an mbarrier; compute
   warpgroups release a slot through a "consumed" barrier.
@@ -28,6 +29,10 @@ How the work is laid out (FlashAttention-3-like, warp specialized):
   registers). The element mask is built only in the masked suffix of the list.
 * Output through shared memory (the Q tile's buffer) and a TMA store. Rows with no visible key are zero.
 * T and S that are not multiples of block_size are padded with zeros outside the kernel (then sliced).
+* Schedule options (:class:`HopperPlan`; the dispatch's choice is :func:`tuned_launch`): two list entries per
+  step (128-key S tiles), the next K waited for under P V, no automatic barriers, ping-pong between the two
+  compute warpgroups, and a persistent grid (one CTA per SM walking work items, head-major, the next item's Q
+  and K/V loading while the current one finishes).
 
 API notes (jax 0.10.2 on CPU hosts, 0.11.x on the GPU machine): the subset of `plgpu` used here
 (`kernel`, `SMEM`, `Barrier`, `copy_gmem_to_smem` with a barrier, `barrier_wait/arrive`, `wgmma`, `ACC`,
