@@ -91,7 +91,7 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dic
 
     if hopper.is_hopper_device() and hopper.pooling_supported(shape, q.dtype):
         for launch in launches or [None]:
-            key = "first version" if launch is None else "-".join(f"{a}={b}" for a, b in sorted(launch.items()))
+            key = "first version" if launch is None else _launch_key(launch)
             fn = jax.jit(lambda q, k, v, launch=launch: hopper.attention_with_pooling_hopper(
                 q, k, v, shape, launch=launch or {}))
             for r in range(rounds):
@@ -102,6 +102,11 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dic
                 print(f"round {r} pooled, Mosaic GPU {key}: {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN {cudnn:.3f})",
                       flush=True)
     return rows
+
+
+def _launch_key(launch: dict) -> str:
+    """A launch's name in the tables and JSON rows: its options, sorted."""
+    return "-".join(f"{a}={b}" for a, b in sorted(launch.items()))
 
 
 def parse_launches(text: str) -> list[dict]:
@@ -147,7 +152,7 @@ def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds
             fns[(name, dens, "triton")] = (jax.jit(lambda q, k, v, m: block_sparse_attention_pallas(
                 q, k, v, m, shape, interpret=False)), mask)
             for launch in launches:
-                key = "-".join(f"{a}={b}" for a, b in sorted(launch.items()))
+                key = _launch_key(launch)
                 fns[(name, dens, key)] = (jax.jit(lambda q, k, v, m, launch=launch: block_sparse_attention_hopper(
                     q, k, v, m, shape, **launch)), mask)
         for r in range(rounds):

@@ -386,7 +386,7 @@ def _kernel_body(
         else:  # pairs of entries; a pair with a masked entry, or the odd count's last (padded) one, is masked
             n_steps, full_steps = lax.div(count + 1, jnp.int32(2)), lax.div(n_full, jnp.int32(2))
         return types.SimpleNamespace(qblk=qblk, b=b, mhead=mhead, first_tile=first_tile, kv_head=kv_head,
-                                     count=count, n_full=n_full, n_steps=n_steps, full_steps=full_steps)
+                                     count=count, n_steps=n_steps, full_steps=full_steps)
 
     def tile_coords(it, t):
         """(first query row, query head) of the CTA's t-th 64-row tile of item `it`."""
@@ -866,7 +866,7 @@ def tuned_pooled_launch(shape: AttentionShape) -> dict | None:
     where the portable one-pass kernel is the default: pairs, early K wait, no automatic barriers (17.6–18.3 ms
     at 32k against the portable kernel's 18.8–18.9; ping-pong was slower here, 19.4–19.5), for queries of at
     least POOLED_MIN_LEN tokens at block 64."""
-    if shape.q_len < POOLED_MIN_LEN or shape.block_size != 64 or not pooling_supported(shape, jnp.bfloat16):
+    if shape.q_len < POOLED_MIN_LEN or shape.block_size != 64:  # (dtype and head_dim: pooling_supported)
         return None
     return dict(consumers=2 if shape.group % 2 == 0 else 1, pair_blocks=True, early_wait=True, auto_barriers=False)
 

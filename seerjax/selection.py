@@ -83,6 +83,13 @@ def causal_blocks(nq: int, nk: int, causal: bool = True) -> jax.Array:
     return jnp.arange(nk)[None, :] <= jnp.arange(nq)[:, None] + (nk - nq)
 
 
+def _seen_per_row(nq: int, nk: int, causal: bool) -> np.ndarray:
+    """int64 `[nq]`: the key blocks row i sees, i + 1 + (nk - nq) with causality (bottom-right aligned, at most
+    nk), else nk (the row sums of :func:`causal_blocks`, as static numpy)."""
+    rows = np.arange(nq, dtype=np.int64)
+    return np.minimum(nk, rows + 1 + (nk - nq)) if causal else np.full(nq, nk, np.int64)
+
+
 def topk_budget(density: float, nq: int) -> int:
     """The seed's per-row block budget for a target density of the causal triangle (for reference; the
     selection uses :func:`row_budgets`)."""
@@ -96,8 +103,7 @@ def row_budgets(density: float, nq: int, nk: int, causal: bool = True) -> tuple[
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise SelectionError(f"density must be in (0, 1], got {density!r}")
-    # Row i sees v_i blocks: i + 1 + (nk - nq) with causality (bottom-right aligned), else nk.
-    seen = [min(nk, i + 1 + (nk - nq)) if causal else nk for i in range(nq)]
+    seen = _seen_per_row(nq, nk, causal).tolist()
     target = max(nq, int(math.floor(density * sum(seen) + 1e-9)))
 
     def kept(k):
@@ -130,7 +136,7 @@ def proportional_budgets(density: float, nq: int, nk: int, causal: bool = True) 
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise SelectionError(f"density must be in (0, 1], got {density!r}")
-    seen = np.array([min(nk, i + 1 + (nk - nq)) if causal else nk for i in range(nq)], np.int64)
+    seen = _seen_per_row(nq, nk, causal)
     cum = np.floor(density * np.cumsum(seen) + 1e-9).astype(np.int64)
     k = np.minimum(np.maximum(np.diff(cum, prepend=0), 1), seen)
     target = max(nq, int(cum[-1]))
