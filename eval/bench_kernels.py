@@ -144,8 +144,7 @@ def main(argv=None) -> int:
                 ms = median_ms(sparse, q, k, v, mask, reps=args.reps)
                 rows.append(dict(T=t, kernel=label, density=dens, pass_="fwd", ms=ms,
                                  tflops=flops / ms / 1e9, speedup=ms_dense / ms))
-                # The Hopper entry differentiates through the portable kernels: its backward is theirs.
-                if do_bwd and impl != "hopper":
+                if do_bwd:
                     def sparse_loss(q, k, v, m, impl=impl):
                         out = _sparse(q, k, v, m, bs=bs, implementation=impl)
                         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))

@@ -12,6 +12,7 @@ Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B
     python eval/tune_kernels.py pooled --length 32768 --tiles 128x64x8x3,128x64x4x2 --rounds 5   # side by side
     python eval/tune_kernels.py hopper --length 131072 --densities 0.1,0.5 --json OUT/tune_hopper.json
     python eval/tune_kernels.py backward --length 32768 --densities 0.1 --json OUT/backward.json
+    python eval/tune_kernels.py backward --densities 0.1 --bwd-plans first,dq2,loop,dq2-loop-noab --parts
 """
 
 from __future__ import annotations
@@ -187,13 +188,42 @@ def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds
     return rows
 
 
-def compare_backward(t: int, densities) -> list[dict]:
-    """The portable (Triton) backward against the Mosaic GPU one on the same residuals, and cuDNN's."""
+def parse_bwd_plans(text: str) -> list[dict]:
+    """`"first,dq2-loop-noab"` → `hopper_bwd.BwdPlan` keyword dicts: `dqN` dq compute warpgroups, `loop` one
+    dk/dv CTA per KV head walking its query heads, `noab` no automatic barriers, `sN` stages, `first` the first
+    version (none of them), `tuned` the dispatch's (`hopper_bwd.tuned_bwd_plan`)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        plan = {}
+        for part in item.split("-"):
+            if part == "first":
+                continue
+            if part == "tuned":
+                plan["tuned"] = True
+            elif part.startswith("dq") and part[2:].isdigit():
+                plan["dq_consumers"] = int(part[2:])
+            elif part[:1] == "s" and part[1:].isdigit():
+                plan["stages"] = int(part[1:])
+            elif part == "loop":
+                plan["kv_loop"] = True
+            elif part == "noab":
+                plan["auto_barriers"] = False
+            else:
+                raise SystemExit(f"--bwd-plans: {part!r} in {item!r} is not first, tuned, dqN, sN, loop or noab")
+        out.append(plan)
+    return out
+
+
+def compare_backward(t: int, densities, plans=None, parts: bool = False) -> list[dict]:
+    """The portable (Triton) backward against the Mosaic GPU one (each plan of `plans`, default the first
+    version and the dispatch's) on the same residuals, and cuDNN's; with `parts`, each Mosaic GPU plan's pieces
+    timed alone (delta, dq kernel, transposed lists, dk/dv kernel with its partial sums)."""
     from seerjax.eval.bench_kernels import random_mask
     from seerjax.kernels import block_sparse as bsp
     from seerjax.kernels import hopper_bwd
     from seerjax.kernels.checks import check_attention_inputs
 
+    plans = plans if plans is not None else [{}, {"tuned": True}]
     q, k, v = _inputs(t)
     do = jax.random.normal(jax.random.key(4), q.shape, q.dtype)
     shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
@@ -211,14 +241,56 @@ def compare_backward(t: int, densities) -> list[dict]:
         mask = random_mask(jax.random.key(3), 1, mask_heads, t // BS, t // BS, dens)
         pplan = bsp.make_plan(mask, shape, None, q.dtype, interpret=False)
         _, residuals = jax.jit(lambda q, k, v, m, p=pplan: bsp._forward(q, k, v, m, None, p, False))(q, k, v, mask)
-        hplan = hopper_bwd.BwdPlan(shape, mask_heads, False)
         name = "query" if mask_heads == HQ else "kv"
-        for kernel, fn in (("triton", lambda r, g, p=pplan: bsp._backward(p, False, r, g)),
-                           ("hopper", lambda r, g, p=hplan: hopper_bwd.backward_hopper(p, r, g))):
-            ms = _time(fn, residuals, do)
-            rows.append({"kernel": kernel, "mask": name, "density": dens, "ms": ms, "speedup": cudnn_bwd / ms})
-            print(f"{name:5s} d={dens:<4} {kernel} backward: {ms:.3f} ms ({cudnn_bwd / ms:.2f}× cuDNN)", flush=True)
+        ms = _time(lambda r, g, p=pplan: bsp._backward(p, False, r, g), residuals, do)
+        rows.append({"kernel": "triton", "mask": name, "density": dens, "ms": ms, "speedup": cudnn_bwd / ms})
+        print(f"{name:5s} d={dens:<4} triton backward: {ms:.3f} ms ({cudnn_bwd / ms:.2f}× cuDNN)", flush=True)
+        hres = jax.jit(hopper_bwd.from_portable_residuals)(residuals)
+        for spec in plans:
+            opts = {key: val for key, val in spec.items() if key != "tuned"}
+            if spec.get("tuned"):
+                hplan = hopper_bwd.tuned_bwd_plan(shape, mask_heads, False)
+            else:
+                try:
+                    hplan = hopper_bwd.BwdPlan(shape, mask_heads, False, **opts)
+                except ValueError as e:
+                    print(f"{name:5s} d={dens:<4} {spec}: {e}", flush=True)
+                    continue
+            key = "tuned" if spec.get("tuned") else (_launch_key(opts) or "first")
+            ms = _time(lambda r, g, p=hplan: hopper_bwd.backward_hopper(p, r, g), hres, do)
+            row = {"kernel": "hopper", "plan": key, "mask": name, "density": dens, "ms": ms, "speedup": cudnn_bwd / ms}
+            print(f"{name:5s} d={dens:<4} hopper {key} backward: {ms:.3f} ms ({cudnn_bwd / ms:.2f}× cuDNN)", flush=True)
+            if parts:
+                row["parts"] = _backward_parts(hplan, hres, do)
+                print("      parts: " + ", ".join(f"{a} {b:.3f} ms" for a, b in row["parts"].items()), flush=True)
+            rows.append(row)
     return rows
+
+
+def _backward_parts(plan, residuals, do) -> dict:
+    """Milliseconds of each piece of `hopper_bwd.backward_hopper`, each jitted and timed alone."""
+    from seerjax.kernels import hopper_bwd
+    from seerjax.kernels.block_sparse import _pad_seq, compact_block_lists
+
+    q_p, k_p, v_p, out_p, lse_t, lists, spans, valid, visible, full = residuals
+    do_p = _pad_seq(do, q_p.shape[1])
+
+    def delta(do_p, out_p):
+        return jnp.einsum("bthd,bthd->bht", do_p.astype(jnp.float32), out_p.astype(jnp.float32))
+
+    def tlists(visible, full):
+        return compact_block_lists(jnp.swapaxes(visible, 2, 3), jnp.swapaxes(full, 2, 3))
+
+    delta_t = jax.jit(delta)(do_p, out_p)
+    tl, ts = jax.jit(tlists)(visible, full)
+    return {
+        "delta": _time(delta, do_p, out_p),
+        "dq": _time(lambda *a: hopper_bwd._dq_call(plan, *a), lists, spans, valid, q_p, k_p, v_p, do_p, lse_t,
+                    delta_t),
+        "tlists": _time(tlists, visible, full),
+        "dkdv": _time(lambda *a: hopper_bwd._dkdv_call(plan, *a), tl, ts, valid, q_p, k_p, v_p, do_p, lse_t,
+                      delta_t),
+    }
 
 
 def main(argv=None) -> int:
@@ -232,6 +304,9 @@ def main(argv=None) -> int:
                    help="hopper (and pooled: the Mosaic GPU pooled forward's launches): these launches (e.g. c2,c2-pp,c2-fast; see parse_launches) with cuDNN in the same "
                    "rounds, instead of the full stages/consumers/tiles/pingpong grid")
     p.add_argument("--masks", default="query,kv", help="hopper --launches only: mask kinds (query, kv)")
+    p.add_argument("--bwd-plans", default=None,
+                   help="backward only: Mosaic GPU backward plans, e.g. first,dq2-loop-noab,tuned (see parse_bwd_plans)")
+    p.add_argument("--parts", action="store_true", help="backward only: time each plan's pieces alone too")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -246,7 +321,8 @@ def main(argv=None) -> int:
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")],
                             parse_launches(args.launches) if args.launches else None, masks, args.rounds)
     else:
-        rows = compare_backward(args.length, [float(x) for x in args.densities.split(",")])
+        rows = compare_backward(args.length, [float(x) for x in args.densities.split(",")],
+                                parse_bwd_plans(args.bwd_plans) if args.bwd_plans else None, args.parts)
     good = [r for r in rows if r["ms"] == r["ms"]]
     if good:
         best = min(good, key=lambda r: r["ms"])

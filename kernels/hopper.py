@@ -127,6 +127,9 @@ class HopperPlan:
         first order, its producer loading the next item's Q (two Q buffers) and K/V (the ring runs on across
         items) while the compute warpgroups finish the current one, so the per-CTA start, first loads and
         output store of short rows overlap the neighbours' compute. No `emit_stats`.
+      emit_lse: also write each query row's base-2 log-sum-exp of its scaled logits (`[B, Hq, T_pad]` float32,
+        -inf on a row that sees nothing; implied by `emit_stats`): the residual of the Hopper backward
+        (:mod:`seerjax.kernels.hopper_bwd`). Any launch, persistent included.
       head_major: persistent only: order the work items by (batch, mask head) first, so the CTAs that run
         together read one KV head's K and V (16 MB at 32k for Llama-3-8B: it fits the 50 MB L2, where all 8
         heads' do not).
@@ -145,6 +148,12 @@ class HopperPlan:
     auto_barriers: bool = True
     persistent: int = 0
     head_major: bool = False
+    emit_lse: bool = False
+
+    @property
+    def writes_lse(self) -> bool:
+        """Whether the kernel has the log-sum-exp output (`emit_lse`, or `emit_stats`, which includes it)."""
+        return self.emit_stats or self.emit_lse
 
     @property
     def qbufs(self) -> int:
@@ -189,7 +198,7 @@ def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
-    persistent: int = 0, head_major: bool = False,
+    persistent: int = 0, head_major: bool = False, emit_lse: bool = False,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -226,7 +235,7 @@ def make_hopper_plan(
         raise ValueError("head_major orders a persistent grid's items: it needs persistent > 0")
     return HopperPlan(
         shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
-        bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent), bool(head_major),
+        bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent), bool(head_major), bool(emit_lse),
     )
 
 
@@ -363,6 +372,8 @@ def _kernel_body(
     (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped[:4]
     if plan.emit_stats:
         rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, per_step, 64] and [consumers, 64]
+    elif plan.emit_lse:
+        (lse_stage,) = scoped[4]
 
     def schedule_point():  # pingpong: arrive, then wait for the other compute warpgroup's matching arrival
         plgpu.barrier_arrive(schedule)
@@ -557,12 +568,12 @@ def _kernel_body(
             for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
                 l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
                 q_smem.at[buf, slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                if plan.emit_stats:
+                if plan.writes_lse:
                     lse_stage.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
             plgpu.commit_smem()
             for slot_q, row0, head in tiles:
                 plgpu.copy_smem_to_gmem(q_smem.at[buf, slot_q], o_ref.at[it.b, pl.ds(row0, WG_ROWS), head])
-                if plan.emit_stats:
+                if plan.writes_lse:
                     plgpu.copy_smem_to_gmem(lse_stage.at[wg], lse_ref.at[it.b, head, pl.ds(row0, WG_ROWS)])
             if plan.persistent:  # the buffer may take the Q of the item after next once the store has read it
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -631,7 +642,8 @@ def _kernel_call(body, out_type, **kwargs):
 
 
 def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None):
-    """Padded q `[B,Tp,Hq,D]`, k/v `[B,Sp,Hkv,D]` → out `[B,Tp,Hq,D]` (every row written)."""
+    """Padded q `[B,Tp,Hq,D]`, k/v `[B,Sp,Hkv,D]` → out `[B,Tp,Hq,D]` (every row written); with `emit_lse`
+    `(out, lse)`, with `emit_stats` `(out, rowmax, lse)` (see :class:`HopperPlan`)."""
     sh = plan.shape
     d, bs, stages, consumers = sh.head_dim, sh.block_size, plan.stages, plan.consumers
     dtype = q.dtype
@@ -639,10 +651,13 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs):
-        stats = (
-            (plgpu.SMEM((consumers, 2, plan.per_step, WG_ROWS), jnp.float32),
-             plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),
-        ) if plan.emit_stats else ()
+        lse_stage = plgpu.SMEM((consumers, WG_ROWS), jnp.float32)
+        if plan.emit_stats:
+            stats = ((plgpu.SMEM((consumers, 2, plan.per_step, WG_ROWS), jnp.float32), lse_stage),)
+        else:
+            stats = ((lse_stage,),) if plan.emit_lse else ()
+        if plan.emit_lse and not plan.emit_stats:
+            stat_refs = (None, *stat_refs)  # (rm_ref, lse_ref)
         pl.run_scoped(
             lambda *scoped: _kernel_body(
                 lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, scoped, plan=plan,
@@ -669,13 +684,12 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
         )
 
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    b, t_pad = q.shape[0], q.shape[1]
+    lse_type = jax.ShapeDtypeStruct((b, sh.q_heads, t_pad), jnp.float32)
     if plan.emit_stats:
-        b, t_pad = q.shape[0], q.shape[1]
-        out_type = (
-            out_type,
-            jax.ShapeDtypeStruct((b, sh.q_heads, sh.nk, t_pad), jnp.float32),
-            jax.ShapeDtypeStruct((b, sh.q_heads, t_pad), jnp.float32),
-        )
+        out_type = (out_type, jax.ShapeDtypeStruct((b, sh.q_heads, sh.nk, t_pad), jnp.float32), lse_type)
+    elif plan.emit_lse:
+        out_type = (out_type, lse_type)
     kernel = _kernel_call(
         entry,
         out_type,
@@ -691,19 +705,34 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     return kernel(lists, spans, valid, q, k, v)
 
 
-def _prepare(q, k, v, block_mask, lengths, sh: AttentionShape, interpret):
+def _prepare(q, k, v, block_mask, lengths, sh: AttentionShape, interpret, *, tables: bool = False):
     """The kernel's inputs: row lists and spans of the visible selected blocks, valid lengths, and q, k, v
-    padded to whole blocks."""
+    padded to whole blocks; with `tables` also the block tables `(visible, full)` they came from (the
+    backward's transposed lists are built from them)."""
     visible, full = block_tables(block_mask, sh, lengths)
     lists, spans = compact_block_lists(visible, full, implementation="xla" if interpret is not None else None)
     t_pad, s_pad = sh.nq * sh.block_size, sh.nk * sh.block_size
-    return lists, spans, valid_lengths(sh, lengths), _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
+    inputs = (lists, spans, valid_lengths(sh, lengths), _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad))
+    return (inputs, (visible, full)) if tables else inputs
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "interpret"))
 def _forward_jit(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None):
     out_p = _forward_call(plan, *_prepare(q, k, v, block_mask, lengths, plan.shape, interpret), interpret)
     return out_p[:, : plan.shape.q_len]
+
+
+def forward_with_residuals(q, k, v, block_mask, lengths, plan: HopperPlan, interpret=None):
+    """The forward (`plan` with any launch; the log-sum-exp output is added) and what the Hopper backward
+    (:func:`seerjax.kernels.hopper_bwd.backward_hopper`) takes: `(out, residuals)`, the log-sum-exp in its
+    `[B, Hq, Tp]` layout with +inf on rows that see no key."""
+    sh = plan.shape
+    plan = dataclasses.replace(plan, emit_lse=True)
+    (lists, spans, valid, q_p, k_p, v_p), (visible, full) = _prepare(
+        q, k, v, block_mask, lengths, sh, interpret, tables=True)
+    out_p, lse = _forward_call(plan, lists, spans, valid, q_p, k_p, v_p, interpret)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # the backward's convention: exp2(s - lse) = 0 on empty rows
+    return out_p[:, : sh.q_len], (q_p, k_p, v_p, out_p, lse, lists, spans, valid, visible, full)
 
 
 def block_sparse_attention_hopper(
@@ -761,27 +790,42 @@ def is_hopper_device(device=None) -> bool:
     return major >= 9
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _hopper_differentiable(q, k, v, block_mask, lengths, hplan: HopperPlan, pplan):
-    return _forward_jit(q, k, v, block_mask, lengths, hplan)
-
-
-def _hopper_fwd(q, k, v, block_mask, lengths, hplan, pplan):
-    # Under differentiation the forward runs on the portable kernel, which also saves the log-sum-exp
-    # that the portable backward needs; both forwards compute the same function.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _differentiable(q, k, v, block_mask, lengths, hplan: HopperPlan | None, pplan, bplan):
+    """Block-sparse attention with the Mosaic GPU forward (`hplan`) and/or backward (`bplan`; a
+    :class:`seerjax.kernels.hopper_bwd.BwdPlan`), the portable Triton kernel where one is None."""
+    if hplan is not None:
+        return _forward_jit(q, k, v, block_mask, lengths, hplan)
     from seerjax.kernels import block_sparse as bsp
 
-    return bsp._forward(q, k, v, block_mask, lengths, pplan, False)
+    return bsp._forward(q, k, v, block_mask, lengths, pplan, False)[0]
 
 
-def _hopper_bwd(hplan, pplan, residuals, d_out):
+def _differentiable_fwd(q, k, v, block_mask, lengths, hplan, pplan, bplan):
     from seerjax.kernels import block_sparse as bsp
+    from seerjax.kernels import hopper_bwd
 
-    dq, dk, dv = bsp._backward(pplan, False, residuals, d_out)
+    if bplan is None:  # the portable backward takes the portable forward's residuals
+        return bsp._forward(q, k, v, block_mask, lengths, pplan, False)
+    if hplan is None:
+        out, residuals = bsp._forward(q, k, v, block_mask, lengths, pplan, False)
+        return out, hopper_bwd.from_portable_residuals(residuals)
+    return forward_with_residuals(q, k, v, block_mask, lengths, hplan)
+
+
+def _differentiable_bwd(hplan, pplan, bplan, residuals, d_out):
+    from seerjax.kernels import block_sparse as bsp
+    from seerjax.kernels import hopper_bwd
+
+    if bplan is None:
+        dq, dk, dv = bsp._backward(pplan, False, residuals, d_out)
+    else:
+        dq, dk, dv = hopper_bwd.backward_hopper(bplan, residuals, d_out)
     return dq, dk, dv, None, None
 
 
-_hopper_differentiable.defvjp(_hopper_fwd, _hopper_bwd)
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+_differentiable_jit = jax.jit(_differentiable, static_argnums=(5, 6, 7))
 
 
 def sm_count(device=None) -> int:
@@ -814,23 +858,28 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
 
 
 def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):
-    """The kernels dispatch's `"hopper"` entry (and `implementation=None` on sm_90+): the Mosaic GPU forward with
-    the measured-best launch (:func:`tuned_launch`) where it beats the portable Triton kernel, the Triton kernel
-    everywhere else — never an error or a wrong answer for a call the portable kernel accepts.
-    Differentiable: gradients come from the portable backward."""
+    """The kernels dispatch's `"hopper"` entry (and `implementation=None` on sm_90+), differentiable: the Mosaic
+    GPU forward with the measured-best launch (:func:`tuned_launch`) where it beats the portable Triton kernel,
+    and the Mosaic GPU backward (:func:`seerjax.kernels.hopper_bwd.tuned_bwd_plan`) wherever it supports the
+    call (block 64); the Triton kernels everywhere else — never an error or a wrong answer for a call the
+    portable kernel accepts."""
     from seerjax.kernels import block_sparse as bsp
+    from seerjax.kernels import hopper_bwd
 
     mask_heads = int(block_mask.shape[1])
-    launch = None
+    hplan = bplan = None
     if is_hopper_device() and hopper_supported(shape, mask_heads, q.dtype):
         launch = tuned_launch(shape, mask_heads, sm_count())
-    if launch is None:
+        if launch is not None:
+            hplan = make_hopper_plan(shape, mask_heads, lengths is not None, **launch)
+        if hopper_bwd.hopper_bwd_supported(shape, mask_heads, q.dtype):
+            bplan = hopper_bwd.tuned_bwd_plan(shape, mask_heads, lengths is not None)
+    if hplan is None and bplan is None:
         return bsp.block_sparse_attention_pallas(q, k, v, block_mask, shape, lengths=lengths, interpret=False)
-    hplan = make_hopper_plan(shape, mask_heads, lengths is not None, **launch)
     pplan = bsp.make_plan(block_mask, shape, lengths, q.dtype, interpret=False)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
-    return _hopper_differentiable(q, k, v, block_mask, lengths, hplan, pplan)
+    return _differentiable_jit(q, k, v, block_mask, lengths, hplan, pplan, bplan)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -392,9 +392,11 @@ def test_launch_options_on_gpu(case, launch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [GPU_CASES[1], GPU_CASES[2], GPU_CASES[5]], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", [GPU_CASES[i] for i in (1, 2, 4, 5, 7)], ids=lambda c: "-".join(map(str, c)))
 def test_dispatch_entry_on_gpu_forward_and_gradients(case):
-    """`implementation="hopper"`: the Hopper forward, gradients from the portable backward; same values."""
+    """`implementation="hopper"`: the Hopper forward where tuned_launch takes it (per-KV-head masks; block 128),
+    the Hopper backward at block 64 (on the Hopper forward's residuals, or on the Triton forward's for
+    per-query-head masks), the portable backward at block 128: the values of the portable kernels."""
     if not _gpu_available():
         pytest.skip("needs a Hopper GPU")
     from seerjax.kernels import block_sparse_attention
@@ -414,9 +416,9 @@ def test_dispatch_entry_on_gpu_forward_and_gradients(case):
     got = jax.grad(loss("hopper"), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
-        # The same kernels; only XLA's fusion of the small jnp parts (e.g. rowsum(dO·O)) may round differently.
+        # Two bf16/fp16 backward kernels (and, at block 64, different accumulation orders of dk/dv over heads).
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert np.abs(g - w).max() <= 1e-2 * np.abs(w).max()
+        assert np.isfinite(g).all() and np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
 
 
 def test_dispatch_entry_is_registered_and_checks_the_device():
