@@ -189,9 +189,11 @@ def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds
 
 
 def parse_bwd_plans(text: str) -> list[dict]:
-    """`"first,dq2-loop-noab"` → `hopper_bwd.BwdPlan` keyword dicts: `dqN` dq compute warpgroups, `loop` one
-    dk/dv CTA per KV head walking its query heads, `noab` no automatic barriers, `sN` stages, `first` the first
-    version (none of them), `tuned` the dispatch's (`hopper_bwd.tuned_bwd_plan`)."""
+    """`"first,dq2-loop-noab"` → `hopper_bwd.BwdPlan` keyword dicts: `dqN` dq compute warpgroups, `kcN` dk/dv
+    compute warpgroups, `loop` one dk/dv CTA per KV head walking its query heads, `ov` overlapped products, `fd`
+    delta computed in the dq kernel,
+    `noab` no automatic barriers, `sN` stages, `first` the first version (none of them), `tuned` the dispatch's
+    (`hopper_bwd.tuned_bwd_plan`)."""
     out = []
     for item in filter(None, text.split(",")):
         plan = {}
@@ -206,10 +208,16 @@ def parse_bwd_plans(text: str) -> list[dict]:
                 plan["stages"] = int(part[1:])
             elif part == "loop":
                 plan["kv_loop"] = True
+            elif part == "ov":
+                plan["overlap"] = True
+            elif part == "fd":
+                plan["fused_delta"] = True
+            elif part.startswith("kc") and part[2:].isdigit():
+                plan["dkdv_consumers"] = int(part[2:])
             elif part == "noab":
                 plan["auto_barriers"] = False
             else:
-                raise SystemExit(f"--bwd-plans: {part!r} in {item!r} is not first, tuned, dqN, sN, loop or noab")
+                raise SystemExit(f"--bwd-plans: {part!r} in {item!r} is not first, tuned, dqN, kcN, sN, loop, ov, fd or noab")
         out.append(plan)
     return out
 
@@ -284,9 +292,9 @@ def _backward_parts(plan, residuals, do) -> dict:
     delta_t = jax.jit(delta)(do_p, out_p)
     tl, ts = jax.jit(tlists)(visible, full)
     return {
-        "delta": _time(delta, do_p, out_p),
+        "delta": 0.0 if plan.fused_delta else _time(delta, do_p, out_p),  # fused: inside the dq kernel
         "dq": _time(lambda *a: hopper_bwd._dq_call(plan, *a), lists, spans, valid, q_p, k_p, v_p, do_p, lse_t,
-                    delta_t),
+                    out_p if plan.fused_delta else delta_t),
         "tlists": _time(tlists, visible, full),
         "dkdv": _time(lambda *a: hopper_bwd._dkdv_call(plan, *a), tl, ts, valid, q_p, k_p, v_p, do_p, lse_t,
                       delta_t),

@@ -835,6 +835,9 @@ def sm_count(device=None) -> int:
     return int(count) if isinstance(count, int) and count > 0 else 132
 
 
+HEAD_MAJOR_MIN_KV_BYTES = 48 * 2**20  # K and V of all heads above this (most of an H100's 50 MB L2): head-major
+
+
 def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | None:
     """The launch options measured fastest on an H100 (docs/kernel_notes.md, eighth session) for this call,
     or None where the portable Triton kernel was faster.
@@ -842,7 +845,9 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
     * Per-KV-head masks at block 64 (several query heads share a list row): two blocks per step, the next K
       waited for under P V, no automatic barriers, ping-pong between the two compute warpgroups, and a
       persistent grid of one CTA per SM: 1.80–1.92 ms against Triton's 2.62–3.04 ms at 32k, density 0.1,
-      and 23.8 against 34.8 ms at 128k.
+      and 23.8 against 34.8 ms at 128k. Items head-major only where all heads' K and V overflow the L2
+      (HEAD_MAJOR_MIN_KV_BYTES): at 8k dense head-major took 1.26–1.30 ms, query-block-major 1.10–1.14 ms,
+      cuDNN 1.30–1.33 ms (ninth session).
     * Per-query-head masks at block 64 (64 query rows per CTA): None, the Triton kernel (2.86–2.94 ms against
       3.10–3.30 ms at 32k, density 0.1).
     * Block 128: the default launch (first version; not re-tuned).
@@ -853,8 +858,9 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
     if share == 1:
         return None
     consumers = 2 if share % 2 == 0 else 1
+    kv_bytes = 2 * shape.batch * shape.kv_len * shape.kv_heads * shape.head_dim * 2
     return dict(consumers=consumers, pingpong=consumers == 2, pair_blocks=True, early_wait=True,
-                auto_barriers=False, persistent=n_sms, head_major=True)
+                auto_barriers=False, persistent=n_sms, head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES)
 
 
 def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):

@@ -440,6 +440,11 @@ def test_tuned_launch_choices_and_lowering(monkeypatch):
     _check_module(text, modules, sh, "bf16", keys_per_step=128)
     _, _, _, sh3 = _shape(1, 512, 512, 6, 2, 128, 64)  # G = 3: one compute warpgroup, so no ping-pong
     assert hopper.tuned_launch(sh3, 2, 132)["pingpong"] is False
+    # head-major items only where K and V of all heads overflow the L2 (8k: 32 MiB, 16k: 64 MiB)
+    _, _, _, sh8k = _shape(1, 8192, 8192, 32, 8, 128, 64)
+    _, _, _, sh16k = _shape(1, 16384, 16384, 32, 8, 128, 64)
+    assert hopper.tuned_launch(sh8k, 8, 132)["head_major"] is False
+    assert hopper.tuned_launch(sh16k, 8, 132)["head_major"] is True
     _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
     assert hopper.tuned_launch(sh128, 2, 132) == {}
     # the pooled forward: Mosaic GPU from 16k tokens at block 64 (where it was timed), the portable kernel below

@@ -82,6 +82,9 @@ INTERPRET_CASES = [
     pytest.param(CASES[0].values[0], {}, id="kv-mask-first", marks=pytest.mark.slow),  # also on the GPU
     pytest.param(CASES[0].values[0], "tuned", id="kv-mask-tuned"),
     pytest.param(CASES[1].values[0], "tuned", id="q-mask-lengths-partial-tuned"),
+    # two dk/dv warpgroups (3 key blocks: the last CTA's second one has none) and overlapped products
+    pytest.param(CASES[1].values[0], dict(kv_loop=True, dkdv_consumers=2, fused_delta=True),
+                 id="q-mask-lengths-partial-kc2-fd"),
     *(pytest.param(c.values[0], "tuned", id=f"{c.id}-tuned", marks=c.marks) for c in CASES[2:]),
 ]
 
@@ -131,6 +134,14 @@ def test_bwd_plan_checks_and_tuned_choice():
         hopper_bwd.BwdPlan(sh, 2, False, dq_consumers=2)  # G = 3
     with pytest.raises(ValueError, match="dq_consumers must be 1 or 2 and divide the 1"):
         hopper_bwd.BwdPlan(sh, 6, False, dq_consumers=2)  # per-query-head masks share no list
+    with pytest.raises(ValueError, match="dkdv_consumers must be 1 or 2, got 3"):
+        hopper_bwd.BwdPlan(sh, 2, False, dkdv_consumers=3)
+    q128 = jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.bfloat16)
+    kv128 = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    sh128 = check_attention_inputs(q128, kv128, kv128, causal=True, block_size=64, sm_scale=None, lengths=None)
+    with pytest.raises(ValueError, match="stages=3 with dq_consumers=1, dkdv_consumers=2.*use fewer stages"):
+        hopper_bwd.BwdPlan(sh128, 2, False, stages=3, dkdv_consumers=2)  # two rings of 3 stages: 256 KiB
+    assert max(hopper_bwd.tuned_bwd_plan(sh128, 2, False).smem_bytes()) <= hopper_bwd.SMEM_LIMIT
     with pytest.raises(ValueError, match="stages must be >= 2"):
         hopper_bwd.BwdPlan(sh, 2, False, stages=1)
     assert hopper_bwd.tuned_bwd_plan(sh, 2, False).dq_consumers == 1
@@ -172,11 +183,18 @@ def test_lowers_for_cuda_at_production_shape(mask_heads):
     assert text.count("custom_call @mosaic_gpu") == 2  # dq, dk/dv
 
 
-GPU_PLANS = [{}, "tuned", dict(dq_consumers=1, kv_loop=True), dict(auto_barriers=False, stages=3)]
+GPU_PLANS = [
+    pytest.param({}, id="first"),
+    pytest.param("tuned", id="tuned"),
+    pytest.param(dict(kv_loop=True), id="loop"),
+    pytest.param(dict(auto_barriers=False, stages=3), id="noab-s3"),
+    pytest.param(dict(overlap=True), id="overlap"),
+    pytest.param(dict(kv_loop=True, dkdv_consumers=2, fused_delta=True), id="loop-kc2-fd"),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec", GPU_PLANS, ids=str)
+@pytest.mark.parametrize("spec", GPU_PLANS)
 @pytest.mark.parametrize("case", [c.values[0] for c in CASES] + [(1, 8192, 8192, 8, 2, 128, True, False, "bfloat16",
                                                                    False, 0.1)])
 def test_matches_portable_backward_on_gpu(case, spec):
