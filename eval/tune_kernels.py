@@ -114,7 +114,7 @@ def parse_launches(text: str) -> list[dict]:
     """`"c2,c2-pp,c1-pair-early-noab-s3"` → launch keyword dicts of `block_sparse_attention_hopper`: `cN`
     consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
     next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab, `persN` a persistent
-    grid of N CTAs, `hm` its items ordered head-major."""
+    grid of N CTAs, `hm` its items ordered head-major, `lr` its output buffers released late."""
     out = []
     for item in filter(None, text.split(",")):
         launch = {}
@@ -125,11 +125,13 @@ def parse_launches(text: str) -> list[dict]:
                 launch["persistent"] = int(part[4:])
             elif part == "hm":
                 launch["head_major"] = True
+            elif part == "lr":
+                launch["late_release"] = True
             elif part in ("pp", "pair", "early", "noab"):
                 launch[{"pp": "pingpong", "pair": "pair_blocks", "early": "early_wait", "noab": "auto_barriers"}[part]] = (
                     part != "noab")
             else:
-                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, persN, hm, pp, pair, early, noab or fast")
+                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, persN, hm, lr, pp, pair, early, noab or fast")
         out.append(launch)
     return out
 

@@ -130,6 +130,9 @@ class HopperPlan:
       emit_lse: also write each query row's base-2 log-sum-exp of its scaled logits (`[B, Hq, T_pad]` float32,
         -inf on a row that sees nothing; implied by `emit_stats`): the residual of the Hopper backward
         (:mod:`seerjax.kernels.hopper_bwd`). Any launch, persistent included.
+      late_release: persistent only: a compute warpgroup does not wait for its output store to read the Q buffer
+        at the end of an item; it waits (by then long done) and releases the buffer during the next item's first
+        step, or after its last item, so the store's latency overlaps the next item's work.
       head_major: persistent only: order the work items by (batch, mask head) first, so the CTAs that run
         together read one KV head's K and V (16 MB at 32k for Llama-3-8B: it fits the 50 MB L2, where all 8
         heads' do not).
@@ -149,6 +152,7 @@ class HopperPlan:
     persistent: int = 0
     head_major: bool = False
     emit_lse: bool = False
+    late_release: bool = False
 
     @property
     def writes_lse(self) -> bool:
@@ -198,7 +202,7 @@ def make_hopper_plan(
     shape: AttentionShape, mask_heads: int, has_lengths: bool, *, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
-    persistent: int = 0, head_major: bool = False, emit_lse: bool = False,
+    persistent: int = 0, head_major: bool = False, emit_lse: bool = False, late_release: bool = False,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -233,9 +237,12 @@ def make_hopper_plan(
         raise ValueError(f"persistent must be 0 or a CTA count >= 1, and 0 with emit_stats; got {persistent!r}")
     if head_major and not persistent:
         raise ValueError("head_major orders a persistent grid's items: it needs persistent > 0")
+    if late_release and not persistent:
+        raise ValueError("late_release defers a persistent CTA's buffer release to its next item: it needs persistent > 0")
     return HopperPlan(
         shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
         bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent), bool(head_major), bool(emit_lse),
+        bool(late_release),
     )
 
 
@@ -436,8 +443,15 @@ def _kernel_body(
         scale2 = jnp.float32(sh.sm_scale * LOG2_E)
         offset = sh.kv_len - sh.q_len
 
-        def run_item(it, buf, gbase):
-            """This warpgroup's tiles of item `it`, Q in buffer `buf`, ring steps numbered from `gbase`."""
+        def release_previous(buf):
+            """late_release: the previous item's output store has read its buffer (long ago, by now): the
+            producer may load the next Q into it."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(q_free.at[1 - buf])
+
+        def run_item(it, buf, gbase, pending=False):
+            """This warpgroup's tiles of item `it`, Q in buffer `buf`, ring steps numbered from `gbase`; `pending`:
+            (late_release) the previous item's buffer is still to be released."""
             tiles = []  # (smem slot, first query row, query head) of this warpgroup's tiles
             for j in range(tpw):
                 tiles.append((wg * tpw + j, *tile_coords(it, wg * tpw + j)))
@@ -496,6 +510,8 @@ def _kernel_body(
 
             def step(i, carry, masked: bool):
                 slot = lax.rem(gbase + i, jnp.int32(stages))
+                if plan.late_release:
+                    pl.when((i == 0) & pending)(functools.partial(release_previous, buf))
                 if not plan.early_wait:
                     plgpu.barrier_wait(k_ready.at[slot])
                 start = step_start(i) if masked else None
@@ -564,6 +580,8 @@ def _kernel_body(
                 carry = lax.fori_loop(0, it.count, functools.partial(_call_step, step, False), carry)
             if plan.pingpong:  # ... and the first one ends it with the matching extra arrival
                 pl.when(wg == 0)(schedule_point)
+            if plan.late_release:  # an item with no steps releases the previous buffer here
+                pl.when((it.n_steps == 0) & pending)(functools.partial(release_previous, buf))
             # The output goes out through the Q tile's buffer (Q is no longer read).
             for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
                 l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
@@ -575,7 +593,9 @@ def _kernel_body(
                 plgpu.copy_smem_to_gmem(q_smem.at[buf, slot_q], o_ref.at[it.b, pl.ds(row0, WG_ROWS), head])
                 if plan.writes_lse:
                     plgpu.copy_smem_to_gmem(lse_stage.at[wg], lse_ref.at[it.b, head, pl.ds(row0, WG_ROWS)])
-            if plan.persistent:  # the buffer may take the Q of the item after next once the store has read it
+            if plan.late_release:  # released during the next item's first step (or after the last item)
+                pass
+            elif plan.persistent:  # the buffer may take the Q of the item after next once the store has read it
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 plgpu.barrier_arrive(q_free.at[buf])
             else:
@@ -583,7 +603,10 @@ def _kernel_body(
             return gbase + it.n_steps
 
         if plan.persistent:
-            lax.fori_loop(0, my_items, lambda i, g: run_item(item_at(i), lax.rem(i, jnp.int32(2)), g), jnp.int32(0))
+            lax.fori_loop(0, my_items, lambda i, g: run_item(item_at(i), lax.rem(i, jnp.int32(2)), g, i > 0),
+                          jnp.int32(0))
+            if plan.late_release:  # the last item's buffer
+                pl.when(my_items > 0)(functools.partial(release_previous, 1 - lax.rem(my_items - 1, jnp.int32(2))))
             plgpu.wait_smem_to_gmem(0)
         else:
             run_item(here, 0, 0)
@@ -739,7 +762,7 @@ def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, persistent: int = 0,
-    head_major: bool = False, interpret=None,
+    head_major: bool = False, late_release: bool = False, interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
 
@@ -747,7 +770,8 @@ def block_sparse_attention_hopper(
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
-      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers, persistent, head_major:
+      stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers, persistent, head_major,
+      late_release:
         launch shape and schedule (tuning; see :class:`HopperPlan`); None picks defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
@@ -766,7 +790,7 @@ def block_sparse_attention_hopper(
     plan = make_hopper_plan(
         shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
         pingpong=pingpong, pair_blocks=pair_blocks, early_wait=early_wait, auto_barriers=auto_barriers,
-        persistent=persistent, head_major=head_major,
+        persistent=persistent, head_major=head_major, late_release=late_release,
     )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)

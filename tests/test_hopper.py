@@ -242,11 +242,12 @@ SCHEDULE_CASES = [
     pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), dict(FAST, pingpong=True, persistent=3),
                  id="persistent-fast-pingpong"),
     pytest.param((2, 256, 256, 8, 2, 64, 64, True, True, "bfloat16", False, 0.5),
-                 dict(FAST, pingpong=True, persistent=3, head_major=True), id="persistent-head-major-G4-batch2"),
+                 dict(FAST, pingpong=True, persistent=3, head_major=True, late_release=True),
+                 id="persistent-head-major-late-release-G4-batch2"),
     pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", True, 0.5),
                  dict(persistent=4, stages=3, early_wait=True), id="persistent-q-mask-early-wait"),
-    pytest.param((1, 128, 128, 2, 1, 64, 64, True, False, "bfloat16", False, 0.7), dict(FAST, persistent=5),
-                 id="persistent-idle-ctas"),
+    pytest.param((1, 128, 128, 2, 1, 64, 64, True, False, "bfloat16", False, 0.7),
+                 dict(FAST, persistent=5, late_release=True), id="persistent-idle-ctas-late-release"),
 ]
 
 
