@@ -871,7 +871,8 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
       persistent grid of one CTA per SM: 1.80–1.92 ms against Triton's 2.62–3.04 ms at 32k, density 0.1,
       and 23.8 against 34.8 ms at 128k. Items head-major only where all heads' K and V overflow the L2
       (HEAD_MAJOR_MIN_KV_BYTES): at 8k dense head-major took 1.26–1.30 ms, query-block-major 1.10–1.14 ms,
-      cuDNN 1.30–1.33 ms (ninth session).
+      cuDNN 1.30–1.33 ms (ninth session). Output buffers released late: 1.73–1.79 against 1.78–1.83 ms at 32k,
+      density 0.1 (same rounds), no change at 8k dense.
     * Per-query-head masks at block 64 (64 query rows per CTA): None, the Triton kernel (2.86–2.94 ms against
       3.10–3.30 ms at 32k, density 0.1).
     * Block 128: the default launch (first version; not re-tuned).
@@ -884,7 +885,7 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
     consumers = 2 if share % 2 == 0 else 1
     kv_bytes = 2 * shape.batch * shape.kv_len * shape.kv_heads * shape.head_dim * 2
     return dict(consumers=consumers, pingpong=consumers == 2, pair_blocks=True, early_wait=True,
-                auto_barriers=False, persistent=n_sms, head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES)
+                auto_barriers=False, persistent=n_sms, head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES, late_release=True)
 
 
 def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):

@@ -377,6 +377,7 @@ LAUNCH_CASES = [
         ("persistent-fast-pingpong", dict(FAST, consumers=2, pingpong=True, persistent=132), (2, 7)),
         ("persistent-few-ctas", dict(persistent=7), (2, 3)),
         ("persistent-head-major", dict(FAST, consumers=2, pingpong=True, persistent=132, head_major=True), (2, 7)),
+        ("persistent-late-release", dict(FAST, consumers=2, pingpong=True, persistent=132, late_release=True), (2, 7)),
     )
     for i in cases
 ]
@@ -436,7 +437,7 @@ def test_tuned_launch_choices_and_lowering(monkeypatch):
     assert hopper.tuned_launch(sh, 32, 132) is None  # per-query-head masks at block 64: the Triton kernel
     launch = hopper.tuned_launch(sh, 8, 132)
     assert launch == dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True, auto_barriers=False,
-                          persistent=132, head_major=True)
+                          persistent=132, head_major=True, late_release=True)
     text, modules = _lower(q, kv, n, sh, 8, monkeypatch, **launch)
     _check_module(text, modules, sh, "bf16", keys_per_step=128)
     _, _, _, sh3 = _shape(1, 512, 512, 6, 2, 128, 64)  # G = 3: one compute warpgroup, so no ping-pong
