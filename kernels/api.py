@@ -4,7 +4,8 @@ Each implementation name maps to a function of the validated inputs. ``implement
 the fastest one for the platform: the compiled Pallas kernels (Triton lowering) on GPU, Pallas interpret
 mode on CPU; on sm_90+ GPUs, ``"hopper"``. ``"hopper"`` runs the
 Mosaic GPU forward on sm_90+ where it was measured faster (per-KV-head masks: 1.4× the Triton kernel's speed
-at 32k and 128k tokens, docs/benchmarks.md) and the Triton kernel otherwise; for attention_with_pooling, the
+at 32k and 128k tokens, docs/benchmarks.md) and the Triton kernel otherwise, and the Mosaic GPU backward at
+block 64 (1.7–2× the Triton backward's speed at 32k, density 0.1); for attention_with_pooling, the
 Mosaic GPU pooled forward where :func:`seerjax.kernels.hopper.tuned_pooled_launch` gives a launch (block 64, 16k
 tokens or more), else the Triton kernel.
 ``"reference"`` (pure jnp) is always available.

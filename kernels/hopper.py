@@ -2,8 +2,9 @@
 
 Semantics are those of :func:`seerjax.kernels.reference.block_sparse_attention_reference`; the calling
 convention is that of :func:`seerjax.kernels.block_sparse.block_sparse_attention_pallas`. The kernel is a
-forward; the dispatch entry :func:`block_sparse_attention_sm90` makes it differentiable through the portable
-backward.
+forward (optionally writing the log-sum-exp); the dispatch entry :func:`block_sparse_attention_sm90` makes it
+differentiable through the Mosaic GPU backward (:mod:`seerjax.kernels.hopper_bwd`) at block 64 and the portable
+one elsewhere.
 
 How the work is laid out (FlashAttention-3-like, warp specialized):
 
@@ -764,7 +765,8 @@ def block_sparse_attention_hopper(
     pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, persistent: int = 0,
     head_major: bool = False, late_release: bool = False, interpret=None,
 ):
-    """Block-sparse attention forward on Hopper (Pallas Mosaic GPU). Not differentiable yet.
+    """Block-sparse attention forward on Hopper (Pallas Mosaic GPU); not differentiable (the dispatch entry
+    :func:`block_sparse_attention_sm90` is).
 
     Args:
       q: `[B, T, Hq, D]`; k, v: `[B, S, Hkv, D]` (validated; `shape` is their AttentionShape).
