@@ -127,7 +127,9 @@ class HopperPlan:
         of a persistent grid (the GPU's SM count): each CTA walks items cta, cta + P, ... in the same long-rows-
         first order, its producer loading the next item's Q (two Q buffers) and K/V (the ring runs on across
         items) while the compute warpgroups finish the current one, so the per-CTA start, first loads and
-        output store of short rows overlap the neighbours' compute. No `emit_stats`.
+        output store of short rows overlap the neighbours' compute. With `emit_stats` a row-max stage slot is
+        rewritten only after the stores since its last use were waited for (`wait_smem_to_gmem`), which holds
+        across items too: every item ends (or, with `late_release`, the next one starts) with all stores read.
       emit_lse: also write each query row's base-2 log-sum-exp of its scaled logits (`[B, Hq, T_pad]` float32,
         -inf on a row that sees nothing; implied by `emit_stats`): the residual of the Hopper backward
         (:mod:`seerjax.kernels.hopper_bwd`). Any launch, persistent included.
@@ -234,8 +236,8 @@ def make_hopper_plan(
         )
     if auto_barriers is None:
         auto_barriers = True
-    if not isinstance(persistent, int) or persistent < 0 or (persistent and emit_stats):
-        raise ValueError(f"persistent must be 0 or a CTA count >= 1, and 0 with emit_stats; got {persistent!r}")
+    if not isinstance(persistent, int) or persistent < 0:
+        raise ValueError(f"persistent must be 0 or a CTA count >= 1; got {persistent!r}")
     if head_major and not persistent:
         raise ValueError("head_major orders a persistent grid's items: it needs persistent > 0")
     if late_release and not persistent:

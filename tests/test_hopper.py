@@ -486,7 +486,9 @@ def _assert_pooled_outputs_match(got, want):
     # automatic barriers; with a row-max budget under one GQA group, the KV heads in chunks of one group each
     pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "bfloat16"), dict(FAST, consumers=2, pingpong=True), 1,
                  id="fast-pingpong-2-chunks"),
-    pytest.param((2, 150, 150, 2, 1, 64, 64, True, True, "float16"), FAST, None, id="fast-lengths-partial"),
+    # a persistent grid (row-max stage slots reused across items, buffers released late), batch 2, lengths
+    pytest.param((2, 150, 150, 2, 1, 64, 64, True, True, "float16"), dict(FAST, persistent=3, late_release=True),
+                 None, id="fast-persistent-late-release-lengths-partial"),
 ])
 def test_pooled_matches_reference_in_interpret_mode(case, launch, budget):
     from seerjax.kernels import api
@@ -528,7 +530,9 @@ def test_pooled_lowers_for_cuda_at_production_shape():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", [None, dict(FAST, consumers=2, pingpong=True)], ids=["first", "fast-pingpong"])
+@pytest.mark.parametrize("launch", [None, dict(FAST, consumers=2, pingpong=True),
+                                    dict(FAST, consumers=2, persistent=132, head_major=True, late_release=True)],
+                         ids=["first", "fast-pingpong", "fast-persistent"])
 @pytest.mark.parametrize("case", [(1, 777, 777, 8, 2, 128, 64, True, True, "bfloat16"),
                                   (1, 8192, 8192, 8, 2, 128, 64, True, False, "bfloat16")])
 def test_pooled_matches_reference_on_gpu(case, launch):
