@@ -145,6 +145,15 @@ def tuned_bwd_plan(shape: AttentionShape, mask_heads: int, has_lengths: bool) ->
                    auto_barriers=False, overlap=True, dkdv_consumers=2, fused_delta=True)
 
 
+def _mask_tile(s, iota, q_axis: int, q0, k0, valid, offset, plan: BwdPlan):
+    """`s` with -inf where the (query row, key) pair does not attend: query rows along `q_axis` from `q0`, keys along
+    the other axis from `k0`."""
+    rows = iota(s.shape, q_axis) + q0
+    keys = iota(s.shape, 1 - q_axis) + k0
+    vis = visible(rows, keys, valid, offset, causal=plan.shape.causal, has_lengths=plan.has_lengths)
+    return jnp.where(vis, s, -jnp.inf)
+
+
 def _products_nt(a1, b1, a2, b2, interpreted: bool, on_first):
     """(on_first(a1·b1ᵀ), a2·b2ᵀ) in float32, all four operands in shared memory: both wgmmas are issued back to
     back and `on_first` runs on the first product while the second one computes."""
@@ -252,11 +261,7 @@ def _dq_body(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
             def probabilities(s):
                 if masked:
-                    start = lists_ref[b, mhead, qblk, it] * bs
-                    rows = iota((ROWS, bs), 0) + row0
-                    cols = iota((ROWS, bs), 1) + start
-                    vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
-                    s = jnp.where(vis, s, -jnp.inf)
+                    s = _mask_tile(s, iota, 0, row0, lists_ref[b, mhead, qblk, it] * bs, valid, offset, plan)
                 return jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))  # lse = +inf: p = 0
 
             plgpu.barrier_wait(k_ready.at[slot])
@@ -397,11 +402,7 @@ def _dkdv_body(tlists_ref, tspans_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, l
 
                 def probabilities(s_t):  # [keys, query rows]
                     if masked:
-                        start = tlists_ref[b, mhead, kblk, it] * bs
-                        keys = iota((ROWS, bs), 0) + key0
-                        rows = iota((ROWS, bs), 1) + start
-                        vis = visible(rows, keys, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
-                        s_t = jnp.where(vis, s_t, -jnp.inf)
+                        s_t = _mask_tile(s_t, iota, 1, tlists_ref[b, mhead, kblk, it] * bs, key0, valid, offset, plan)
                     plgpu.barrier_wait(bar(lse_ready, c, slot))
                     lse = _vector(lse_c.at[slot], interpreted, 1)
                     return jnp.exp2(s_t * scale2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
