@@ -188,8 +188,9 @@ def test_stages_and_consumers_options(monkeypatch):
     with pytest.raises(ValueError, match="pair_blocks"):
         hopper.make_hopper_plan(sh, 2, False, consumers=2, tiles_per_wg=2, pair_blocks=True)
     assert hopper.make_hopper_plan(sh, 2, False, emit_stats=True, pair_blocks=True, auto_barriers=False).per_step == 2
-    with pytest.raises(ValueError, match="persistent"):
-        hopper.make_hopper_plan(sh, 2, False, emit_stats=True, persistent=132)
+    assert hopper.make_hopper_plan(sh, 2, False, emit_stats=True, persistent=132, late_release=True).persistent == 132
+    with pytest.raises(ValueError, match="late_release"):
+        hopper.make_hopper_plan(sh, 2, False, late_release=True)  # not persistent
     with pytest.raises(ValueError, match="persistent"):
         hopper.make_hopper_plan(sh, 2, False, persistent=-1)
     with pytest.raises(ValueError, match="head_major"):
