@@ -75,7 +75,8 @@ class BwdPlan:
         for before the next step of the warpgroup's work.
       auto_barriers: Pallas' warpgroup barrier around every shared-memory store (its default). Neither kernel
         needs one: their only shared-memory stores are the final gradient tiles, written after every wgmma
-        that read the buffer was waited for and followed by `commit_smem` before the TMA store.
+        that read the buffer was waited for, and (`fused_delta`) the delta tile, written once; each is followed
+        by `commit_smem` before its TMA store.
     """
 
     shape: AttentionShape
@@ -94,17 +95,17 @@ class BwdPlan:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.dkdv_consumers not in (1, 2):
             raise ValueError(f"dkdv_consumers must be 1 or 2, got {self.dkdv_consumers}")
+        if self.dq_consumers not in (1, 2) or self.share % self.dq_consumers:
+            raise ValueError(
+                f"dq_consumers must be 1 or 2 and divide the {self.share} query heads per mask head, "
+                f"got {self.dq_consumers}"
+            )
         dq, dkdv = self.smem_bytes()
         if max(dq, dkdv) > SMEM_LIMIT:
             raise ValueError(
                 f"stages={self.stages} with dq_consumers={self.dq_consumers}, dkdv_consumers={self.dkdv_consumers}, "
                 f"fused_delta={self.fused_delta} at head_dim {self.shape.head_dim} needs {dq} / {dkdv} bytes of "
                 f"shared memory per dq / dk-dv CTA; an H100 has {SMEM_LIMIT}: use fewer stages or consumers"
-            )
-        if self.dq_consumers not in (1, 2) or self.share % self.dq_consumers:
-            raise ValueError(
-                f"dq_consumers must be 1 or 2 and divide the {self.share} query heads per mask head, "
-                f"got {self.dq_consumers}"
             )
 
     def smem_bytes(self) -> tuple[int, int]:
