@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 
 from seerjax.cli import main
 
 
-@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_table_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--scale", "tiny", "--out", str(out), "--no-progress"]) == 0

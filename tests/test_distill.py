@@ -126,7 +126,6 @@ def _cli(args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-@pytest.mark.slow
 def test_kill_9_then_resume_gives_bit_identical_gates(tmp_path):
     model_dir, text = tmp_path / "model", tmp_path / "data.txt"
     model_dir.mkdir()

@@ -228,7 +228,7 @@ INTERPRET_CASES = [
     # ..., tiles_per_wg: two query tiles per compute warpgroup
     pytest.param((1, 256, 256, 8, 2, 64, 64, True, True, "bfloat16", False, 0.5, None, 2, 2), id="kv-mask-G4-2x2"),
     # ..., pingpong: the two compute warpgroups take turns on the tensor cores
-    pytest.param((1, 200, 200, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5, None, 2, 1, True), id="pingpong"),
+    pytest.param((1, 200, 200, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5, None, 2, 1, True), id="pingpong", marks=pytest.mark.slow),
 ]
 
 
@@ -238,15 +238,15 @@ FAST = dict(pair_blocks=True, early_wait=True, auto_barriers=False)
 SCHEDULE_CASES = [
     pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), FAST, id="kv-mask-lengths-fast"),
     pytest.param((1, 256, 256, 2, 2, 64, 64, False, False, "float16", False, 0.6), FAST,
-                 id="unmasked-odd-counts-fast"),
+                 id="unmasked-odd-counts-fast", marks=pytest.mark.slow),
     # persistent CTAs: several items each (ring and Q buffers running on across items), and more CTAs than items
     pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5), dict(FAST, pingpong=True, persistent=3),
-                 id="persistent-fast-pingpong"),
+                 id="persistent-fast-pingpong", marks=pytest.mark.slow),
     pytest.param((2, 256, 256, 8, 2, 64, 64, True, True, "bfloat16", False, 0.5),
                  dict(FAST, pingpong=True, persistent=3, head_major=True, late_release=True),
                  id="persistent-head-major-late-release-G4-batch2"),
     pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", True, 0.5),
-                 dict(persistent=4, stages=3, early_wait=True), id="persistent-q-mask-early-wait"),
+                 dict(persistent=4, stages=3, early_wait=True), id="persistent-q-mask-early-wait", marks=pytest.mark.slow),
     pytest.param((1, 128, 128, 2, 1, 64, 64, True, False, "bfloat16", False, 0.7),
                  dict(FAST, persistent=5, late_release=True), id="persistent-idle-ctas-late-release"),
 ]
