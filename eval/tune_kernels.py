@@ -110,30 +110,38 @@ def _launch_key(launch: dict) -> str:
     return "-".join(f"{a}={b}" for a, b in sorted(launch.items()))
 
 
+def _parse_options(text: str, flag: str, numbered: dict, words: dict, names: str) -> list[dict]:
+    """Comma-separated items of '-'-joined tokens → keyword dicts: a token `<prefix>N` of `numbered` sets
+    `numbered[prefix] = N`, a token of `words` adds its dict; anything else stops with `flag` and `names`."""
+    out = []
+    for item in filter(None, text.split(",")):
+        opts = {}
+        for part in item.split("-"):
+            prefix = next((p for p in numbered if part.startswith(p) and part[len(p):].isdigit()), None)
+            if prefix is not None:
+                opts[numbered[prefix]] = int(part[len(prefix):])
+            elif part in words:
+                opts.update(words[part])
+            else:
+                raise SystemExit(f"{flag}: {part!r} in {item!r} is not {names}")
+        out.append(opts)
+    return out
+
+
+_FAST = {"pair_blocks": True, "early_wait": True, "auto_barriers": False}
+
+
 def parse_launches(text: str) -> list[dict]:
     """`"c2,c2-pp,c1-pair-early-noab-s3"` → launch keyword dicts of `block_sparse_attention_hopper`: `cN`
     consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
     next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab, `persN` a persistent
     grid of N CTAs, `hm` its items ordered head-major, `lr` its output buffers released late."""
-    out = []
-    for item in filter(None, text.split(",")):
-        launch = {}
-        for part in item.replace("fast", "pair-early-noab").split("-"):
-            if part[:1] in "cts" and part[1:].isdigit():
-                launch[{"c": "consumers", "t": "tiles_per_wg", "s": "stages"}[part[0]]] = int(part[1:])
-            elif part.startswith("pers") and part[4:].isdigit():
-                launch["persistent"] = int(part[4:])
-            elif part == "hm":
-                launch["head_major"] = True
-            elif part == "lr":
-                launch["late_release"] = True
-            elif part in ("pp", "pair", "early", "noab"):
-                launch[{"pp": "pingpong", "pair": "pair_blocks", "early": "early_wait", "noab": "auto_barriers"}[part]] = (
-                    part != "noab")
-            else:
-                raise SystemExit(f"--launches: {part!r} in {item!r} is not cN, tN, sN, persN, hm, lr, pp, pair, early, noab or fast")
-        out.append(launch)
-    return out
+    return _parse_options(
+        text, "--launches", {"c": "consumers", "t": "tiles_per_wg", "s": "stages", "pers": "persistent"},
+        {"hm": {"head_major": True}, "lr": {"late_release": True}, "pp": {"pingpong": True},
+         "pair": {"pair_blocks": True}, "early": {"early_wait": True}, "noab": {"auto_barriers": False},
+         "fast": _FAST},
+        "cN, tN, sN, persN, hm, lr, pp, pair, early, noab or fast")
 
 
 def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds: int = 1) -> list[dict]:
@@ -193,35 +201,13 @@ def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds
 def parse_bwd_plans(text: str) -> list[dict]:
     """`"first,dq2-loop-noab"` → `hopper_bwd.BwdPlan` keyword dicts: `dqN` dq compute warpgroups, `kcN` dk/dv
     compute warpgroups, `loop` one dk/dv CTA per KV head walking its query heads, `ov` overlapped products, `fd`
-    delta computed in the dq kernel,
-    `noab` no automatic barriers, `sN` stages, `first` the first version (none of them), `tuned` the dispatch's
-    (`hopper_bwd.tuned_bwd_plan`)."""
-    out = []
-    for item in filter(None, text.split(",")):
-        plan = {}
-        for part in item.split("-"):
-            if part == "first":
-                continue
-            if part == "tuned":
-                plan["tuned"] = True
-            elif part.startswith("dq") and part[2:].isdigit():
-                plan["dq_consumers"] = int(part[2:])
-            elif part[:1] == "s" and part[1:].isdigit():
-                plan["stages"] = int(part[1:])
-            elif part == "loop":
-                plan["kv_loop"] = True
-            elif part == "ov":
-                plan["overlap"] = True
-            elif part == "fd":
-                plan["fused_delta"] = True
-            elif part.startswith("kc") and part[2:].isdigit():
-                plan["dkdv_consumers"] = int(part[2:])
-            elif part == "noab":
-                plan["auto_barriers"] = False
-            else:
-                raise SystemExit(f"--bwd-plans: {part!r} in {item!r} is not first, tuned, dqN, kcN, sN, loop, ov, fd or noab")
-        out.append(plan)
-    return out
+    delta computed in the dq kernel, `noab` no automatic barriers, `sN` stages, `first` the first version (none of
+    them), `tuned` the dispatch's (`hopper_bwd.tuned_bwd_plan`)."""
+    return _parse_options(
+        text, "--bwd-plans", {"dq": "dq_consumers", "kc": "dkdv_consumers", "s": "stages"},
+        {"first": {}, "tuned": {"tuned": True}, "loop": {"kv_loop": True}, "ov": {"overlap": True},
+         "fd": {"fused_delta": True}, "noab": {"auto_barriers": False}},
+        "first, tuned, dqN, kcN, sN, loop, ov, fd or noab")
 
 
 def compare_backward(t: int, densities, plans=None, parts: bool = False) -> list[dict]:

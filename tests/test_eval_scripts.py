@@ -81,3 +81,25 @@ def test_gap_by_position_names_bad_edges():
     p = subprocess.run([sys.executable, str(ROOT / "eval" / "gap_by_position.py"), "--model", "m", "--gates", "g",
                         "--seq-len", "1024", "--edges", "0,2048"], capture_output=True, text=True, env=ENV, timeout=300)
     assert p.returncode == 2 and "--edges must rise strictly from 0 and stay below --seq-len=1024, got '0,2048'" in p.stderr
+
+
+def test_tune_kernels_parses_launches_and_backward_plans():
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        import tune_kernels
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+    assert tune_kernels.parse_launches("c2-pp-fast-pers132-hm-lr,t2-s3") == [
+        dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True, auto_barriers=False, persistent=132,
+             head_major=True, late_release=True),
+        dict(tiles_per_wg=2, stages=3),
+    ]
+    assert tune_kernels.parse_bwd_plans("first,tuned,dq2-kc2-loop-ov-fd-noab-s3") == [
+        {}, {"tuned": True},
+        dict(dq_consumers=2, dkdv_consumers=2, kv_loop=True, overlap=True, fused_delta=True, auto_barriers=False,
+             stages=3),
+    ]
+    with pytest.raises(SystemExit, match="--launches: 'pers' in 'c2-pers' is not cN"):
+        tune_kernels.parse_launches("c2-pers")
+    with pytest.raises(SystemExit, match="--bwd-plans: 'dq' in 'dq' is not first"):
+        tune_kernels.parse_bwd_plans("dq")
