@@ -446,11 +446,12 @@ def _kernel_body(
         scale2 = jnp.float32(sh.sm_scale * LOG2_E)
         offset = sh.kv_len - sh.q_len
 
-        def release_previous(buf):
-            """late_release: the previous item's output store has read its buffer (long ago, by now): the
-            producer may load the next Q into it."""
+        def release_buffer(buf):
+            """Once the output stores issued so far have read Q buffer `buf`, the producer may load the Q of the
+            item after next into it (persistent). With `late_release` this runs for the previous item's buffer
+            during the next item's first step, when the store is long done."""
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            plgpu.barrier_arrive(q_free.at[1 - buf])
+            plgpu.barrier_arrive(q_free.at[buf])
 
         def run_item(it, buf, gbase, pending=False):
             """This warpgroup's tiles of item `it`, Q in buffer `buf`, ring steps numbered from `gbase`; `pending`:
@@ -514,7 +515,7 @@ def _kernel_body(
             def step(i, carry, masked: bool):
                 slot = lax.rem(gbase + i, jnp.int32(stages))
                 if plan.late_release:
-                    pl.when((i == 0) & pending)(functools.partial(release_previous, buf))
+                    pl.when((i == 0) & pending)(functools.partial(release_buffer, 1 - buf))
                 if not plan.early_wait:
                     plgpu.barrier_wait(k_ready.at[slot])
                 start = step_start(i) if masked else None
@@ -584,7 +585,7 @@ def _kernel_body(
             if plan.pingpong:  # ... and the first one ends it with the matching extra arrival
                 pl.when(wg == 0)(schedule_point)
             if plan.late_release:  # an item with no steps releases the previous buffer here
-                pl.when((it.n_steps == 0) & pending)(functools.partial(release_previous, buf))
+                pl.when((it.n_steps == 0) & pending)(functools.partial(release_buffer, 1 - buf))
             # The output goes out through the Q tile's buffer (Q is no longer read).
             for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
                 l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
@@ -596,20 +597,17 @@ def _kernel_body(
                 plgpu.copy_smem_to_gmem(q_smem.at[buf, slot_q], o_ref.at[it.b, pl.ds(row0, WG_ROWS), head])
                 if plan.writes_lse:
                     plgpu.copy_smem_to_gmem(lse_stage.at[wg], lse_ref.at[it.b, head, pl.ds(row0, WG_ROWS)])
-            if plan.late_release:  # released during the next item's first step (or after the last item)
-                pass
-            elif plan.persistent:  # the buffer may take the Q of the item after next once the store has read it
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                plgpu.barrier_arrive(q_free.at[buf])
-            else:
+            if not plan.persistent:
                 plgpu.wait_smem_to_gmem(0)
+            elif not plan.late_release:  # (late: released during the next item's first step, or after the last)
+                release_buffer(buf)
             return gbase + it.n_steps
 
         if plan.persistent:
             lax.fori_loop(0, my_items, lambda i, g: run_item(item_at(i), lax.rem(i, jnp.int32(2)), g, i > 0),
                           jnp.int32(0))
             if plan.late_release:  # the last item's buffer
-                pl.when(my_items > 0)(functools.partial(release_previous, 1 - lax.rem(my_items - 1, jnp.int32(2))))
+                pl.when(my_items > 0)(functools.partial(release_buffer, lax.rem(my_items - 1, jnp.int32(2))))
             plgpu.wait_smem_to_gmem(0)
         else:
             run_item(here, 0, 0)
