@@ -113,8 +113,9 @@ class HopperPlan:
         halves of one ring slot (two TMA copies on one barrier), and the compute warpgroups run S = Q Kᵀ on a
         64 × 2·block tile and one P V product over both (FlashAttention-3's 128-key tiles from a 64-block mask:
         half the barrier round trips and softmax reductions per FLOP). An odd count's last step fetches its
-        block twice and masks the second copy out. Block 64 only, one tile per warpgroup. With `emit_stats`
-        each half's row maximum is reduced and stored separately (the padded copy's is not stored).
+        block twice (one ring step, two copies on the barrier) and runs on the first copy alone: a 64-key
+        step, not a padded pair. Block 64 only, one tile per warpgroup. With `emit_stats` each half's row
+        maximum is reduced and stored separately (a static slice of the S tile per block).
       early_wait: wait for the next step's K while this step's P V wgmma runs (FlashAttention-3's order),
         instead of at the top of the next step.
       auto_barriers: let Pallas put a warpgroup barrier around every shared-memory store and before every TMA
@@ -403,11 +404,13 @@ def _kernel_body(
         count = spans_ref[b, mhead, qblk, 2]
         n_full = spans_ref[b, mhead, qblk, 1]  # lo == 0 for row lists: [0, hi) full, [hi, count) masked
         if per_step == 1:
-            n_steps, full_steps = count, n_full
-        else:  # pairs of entries; a pair with a masked entry, or the odd count's last (padded) one, is masked
+            n_steps, full_steps, pair_steps = count, n_full, count
+        else:  # pairs of entries; a pair with a masked entry is masked, and an odd count's last entry is a
+            # single-block step of its own (masked; its ring slot holds the block twice, the copy is not read)
             n_steps, full_steps = lax.div(count + 1, jnp.int32(2)), lax.div(n_full, jnp.int32(2))
+            pair_steps = lax.div(count, jnp.int32(2))
         return types.SimpleNamespace(qblk=qblk, b=b, mhead=mhead, first_tile=first_tile, kv_head=kv_head,
-                                     count=count, n_steps=n_steps, full_steps=full_steps)
+                                     count=count, n_steps=n_steps, full_steps=full_steps, pair_steps=pair_steps)
 
     def tile_coords(it, t):
         """(first query row, query head) of the CTA's t-th 64-row tile of item `it`."""
@@ -469,20 +472,21 @@ def _kernel_body(
             valid = valid_ref[it.b]
 
             def key_columns(start):
-                if per_step == 1:
+                if per_step == 1 or not isinstance(start, tuple):
                     return iota((WG_ROWS, bs), 1) + start
                 c = iota((WG_ROWS, kw), 1)  # two blocks side by side: columns from each one's start
                 return jnp.where(c < bs, c + start[0], c + (start[1] - bs))
 
             def softmax_update(s, row0, start, acc, m_prev, l_prev, masked: bool):
                 if masked:
-                    rows = iota((WG_ROWS, kw), 0) + row0
+                    rows = iota(s.shape, 0) + row0
                     cols = key_columns(start)
                     vis = visible(rows, cols, valid, offset, causal=sh.causal, has_lengths=plan.has_lengths)
                     s = jnp.where(vis, s, -jnp.inf)
-                if plan.emit_stats and per_step == 2:  # each 64-key block's row maximum, for the pooled map
-                    c = iota((WG_ROWS, kw), 1)
-                    halves = tuple(jnp.where(sel, s, -jnp.inf).max(axis=1) * scale2 for sel in (c < bs, c >= bs))
+                if plan.emit_stats and s.shape[1] == 2 * bs:  # each 64-key block's row maximum, for the pooled map
+                    # Static column slices on a tile boundary take the registers of one block: two half-width
+                    # reductions cost what one full-width one does (a masked select per half cost two more passes).
+                    halves = tuple(s[:, e * bs:(e + 1) * bs].max(axis=1) * scale2 for e in range(2))
                     block_max = jnp.maximum(*halves)
                 else:
                     block_max = s.max(axis=1) * scale2
@@ -512,40 +516,39 @@ def _kernel_body(
                 # No second entry: its columns start far past any valid length, so they are all masked out.
                 return first, jnp.where(e0 + 1 < it.count, second, jnp.int32(1 << 30))
 
-            def step(i, carry, masked: bool):
+            def step(i, carry, masked: bool, single: bool = False):
+                """Ring step `i`: S = Q Kᵀ over the slot's keys, the softmax update, P V. `single`: only the
+                slot's first block (an odd count's last entry)."""
                 slot = lax.rem(gbase + i, jnp.int32(stages))
+                k_in, v_in = k_smem.at[slot], v_smem.at[slot]
+                if single:
+                    k_in, v_in = k_smem.at[slot, pl.ds(0, bs)], v_smem.at[slot, pl.ds(0, bs)]
                 if plan.late_release:
                     pl.when((i == 0) & pending)(functools.partial(release_buffer, 1 - buf))
                 if not plan.early_wait:
                     plgpu.barrier_wait(k_ready.at[slot])
                 start = step_start(i) if masked else None
+                if single:
+                    start = start[0]
                 # Tile by tile: S = Q Kᵀ, then its softmax update right away, so only one float32 S tile is live
                 # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
                 updated = []
                 for (slot_q, row0, _), carry_j in zip(tiles, carry):
-                    s_j = dot_nt(q_smem.at[buf, slot_q], k_smem.at[slot], interpreted,
+                    s_j = dot_nt(q_smem.at[buf, slot_q], k_in, interpreted,
                                  after_issue=schedule_point if plan.pingpong else None)
                     *update, halves = softmax_update(s_j, row0, start, *carry_j, masked=masked)
                     updated.append(update)
                     if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
-                        for e, row_max in enumerate(halves):
-                            entry = i * per_step + e
-
-                            def store(e=e, row_max=row_max, entry=entry):
-                                stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2)), e]
-                                # The stores issued since this slot's last one: the rest of that step's, the
-                                # previous step's and this step's so far (2·per_step - 1): the one before has read it.
-                                plgpu.wait_smem_to_gmem(2 * per_step - 1, wait_read_only=True)
-                                stage[...] = row_max
-                                plgpu.commit_smem()
-                                key_block = lists_ref[it.b, it.mhead, it.qblk, entry]
-                                plgpu.copy_smem_to_gmem(
-                                    stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
-
-                            if e == 0:
-                                store()
-                            else:  # an odd count's padded last entry has no block of its own
-                                pl.when(entry < it.count)(store)
+                        for e, row_max in enumerate(halves):  # (an odd count's last entry is a single step)
+                            stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2)), e]
+                            # The stores issued since this slot's last one: the rest of that step's, the previous
+                            # step's and this step's so far (at most 2·per_step - 1): the one before has read it.
+                            # (Each item starts after a full wait: its output buffer's release.)
+                            plgpu.wait_smem_to_gmem(2 * per_step - 1, wait_read_only=True)
+                            stage[...] = row_max
+                            plgpu.commit_smem()
+                            key_block = lists_ref[it.b, it.mhead, it.qblk, i * per_step + e]
+                            plgpu.copy_smem_to_gmem(stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
                 plgpu.barrier_arrive(k_free.at[slot])
                 if plan.pingpong:
                     plgpu.barrier_arrive(schedule)  # softmax done
@@ -556,7 +559,7 @@ def _kernel_body(
                 new_carry = []
                 for j, (p16, acc, m_next, l_next) in enumerate(updated):
                     hook = functools.partial(wait_next_k, i) if plan.early_wait and j == len(updated) - 1 else None
-                    new_carry.append((acc_dot(acc, p16, v_smem.at[slot], interpreted, after_issue=hook), m_next, l_next))
+                    new_carry.append((acc_dot(acc, p16, v_in, interpreted, after_issue=hook), m_next, l_next))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return tuple(new_carry)
 
@@ -579,7 +582,10 @@ def _kernel_body(
                 pl.when(wg == 1)(schedule_point)
             if plan.any_masked or per_step > 1:
                 carry = lax.fori_loop(0, it.full_steps, functools.partial(_call_step, step, False), carry)
-                carry = lax.fori_loop(it.full_steps, it.n_steps, functools.partial(_call_step, step, True), carry)
+                carry = lax.fori_loop(it.full_steps, it.pair_steps, functools.partial(_call_step, step, True), carry)
+                if per_step > 1:  # an odd count's last entry: one block, not a padded pair
+                    carry = lax.fori_loop(it.pair_steps, it.n_steps,
+                                          lambda i, c: step(i, c, True, single=True), carry)
             else:
                 carry = lax.fori_loop(0, it.count, functools.partial(_call_step, step, False), carry)
             if plan.pingpong:  # ... and the first one ends it with the matching extra arrival
@@ -589,7 +595,8 @@ def _kernel_body(
             # The output goes out through the Q tile's buffer (Q is no longer read).
             for (slot_q, row0, head), (acc, m, l) in zip(tiles, carry):
                 l_safe = jnp.where(l == 0.0, 1.0, l)  # empty row: acc is 0, so the output is 0
-                q_smem.at[buf, slot_q][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                inv_l = 1.0 / l_safe  # one division per row, then a multiply per element
+                q_smem.at[buf, slot_q][...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
                 if plan.writes_lse:
                     lse_stage.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(l_safe))
             plgpu.commit_smem()
@@ -944,13 +951,16 @@ POOLED_MIN_LEN = 16384  # shorter calls keep the portable kernel: the Mosaic GPU
 
 
 def tuned_pooled_launch(shape: AttentionShape) -> dict | None:
-    """The pooled forward's launch measured fastest on an H100 (docs/kernel_notes.md, eighth session), or None
-    where the portable one-pass kernel is the default: pairs, early K wait, no automatic barriers (17.6–18.3 ms
-    at 32k against the portable kernel's 18.8–18.9; ping-pong was slower here, 19.4–19.5), for queries of at
-    least POOLED_MIN_LEN tokens at block 64."""
+    """The pooled forward's launch measured fastest on an H100 (docs/kernel_notes.md, tenth session), or None
+    where the portable one-pass kernel is the default: pairs, early K wait, no automatic barriers and, with two
+    compute warpgroups, ping-pong between them (15.5–16.5 ms at 32k, against 18.2 ms without ping-pong and 19.0–19.2
+    on a persistent grid, cuDNN 14.4–14.7; the portable kernel 19.0–19.4), for queries of at least POOLED_MIN_LEN
+    tokens at block 64. (Before the row maxima were taken from static slices of the S tile, ping-pong was the
+    slower one: 19.4–19.5 against 17.6–18.3 ms, eighth session.)"""
     if shape.q_len < POOLED_MIN_LEN or shape.block_size != 64:  # (dtype and head_dim: pooling_supported)
         return None
-    return dict(consumers=2 if shape.group % 2 == 0 else 1, pair_blocks=True, early_wait=True, auto_barriers=False)
+    consumers = 2 if shape.group % 2 == 0 else 1
+    return dict(consumers=consumers, pingpong=consumers == 2, pair_blocks=True, early_wait=True, auto_barriers=False)
 
 
 def attention_with_pooling_hopper(

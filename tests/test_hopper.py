@@ -277,7 +277,7 @@ def test_schedule_options_match_reference_in_interpret_mode(case, launch):
     # without its compute warpgroups drifting apart).
     mask = mask.at[:, :, sh.nq // 2].set(False)
     counts = np.asarray(mask).sum(-1)
-    assert (counts % 2 == 1).any()  # the padded last step is exercised
+    assert (counts % 2 == 1).any()  # an odd count's single-block last step is exercised
     out = _interpreted(lambda params: hopper.block_sparse_attention_hopper(
         q, k, v, mask, sh, lengths=lengths, interpret=params, **launch))
     _check(out, _reference(sh, q, k, v, mask, lengths), sh, case[9], case)
@@ -451,7 +451,8 @@ def test_tuned_launch_choices_and_lowering(monkeypatch):
     _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
     assert hopper.tuned_launch(sh128, 2, 132) == {}
     # the pooled forward: Mosaic GPU from 16k tokens at block 64 (where it was timed), the portable kernel below
-    assert hopper.tuned_pooled_launch(sh) == dict(consumers=2, pair_blocks=True, early_wait=True, auto_barriers=False)
+    assert hopper.tuned_pooled_launch(sh) == dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True,
+                                                  auto_barriers=False)
     _, _, _, sh8k = _shape(1, 8192, 8192, 32, 8, 128, 64)
     assert hopper.tuned_pooled_launch(sh8k) is None and hopper.tuned_pooled_launch(sh128) is None
     _, _, _, sh32k_g3 = _shape(1, 32768, 32768, 6, 2, 128, 64)
@@ -483,7 +484,7 @@ def _assert_pooled_outputs_match(got, want):
 
 @pytest.mark.parametrize("case,launch,budget", [
     *(pytest.param(c.values[0], None, None, marks=c.marks, id=c.id) for c in POOLED_CASES),
-    # pairs (a row maximum per 64-key half; an odd count's padded half not stored), the early K wait and no
+    # pairs (a row maximum per 64-key block; an odd count's last entry a single-block step), the early K wait and no
     # automatic barriers; with a row-max budget under one GQA group, the KV heads in chunks of one group each
     pytest.param((1, 192, 192, 4, 2, 64, 64, True, False, "bfloat16"), dict(FAST, consumers=2, pingpong=True), 1,
                  id="fast-pingpong-2-chunks"),
