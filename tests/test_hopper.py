@@ -491,6 +491,10 @@ def _assert_pooled_outputs_match(got, want):
     # a persistent grid (row-max stage slots reused across items, buffers released late), batch 2, lengths
     pytest.param((2, 150, 150, 2, 1, 64, 64, True, True, "float16"), dict(FAST, persistent=3, late_release=True),
                  None, id="fast-persistent-late-release-lengths-partial"),
+    # ping-pong on a persistent grid, items head-major (the launch timed at 128k), GQA 4, batch 2
+    pytest.param((2, 256, 256, 8, 2, 64, 64, True, False, "bfloat16"),
+                 dict(FAST, consumers=2, pingpong=True, persistent=3, head_major=True, late_release=True),
+                 None, id="fast-pingpong-persistent-head-major-G4-batch2"),
 ])
 def test_pooled_matches_reference_in_interpret_mode(case, launch, budget):
     from seerjax.kernels import api
