@@ -6,7 +6,7 @@ mode on CPU; on sm_90+ GPUs, ``"hopper"``. ``"hopper"`` runs the
 Mosaic GPU forward on sm_90+ where it was measured faster (per-KV-head masks: 1.4× the Triton kernel's speed
 at 32k and 128k tokens, docs/benchmarks.md) and the Triton kernel otherwise, and the Mosaic GPU backward at
 block 64 (1.7–2× the Triton backward's speed at 32k, density 0.1); for attention_with_pooling, the
-Mosaic GPU pooled forward where :func:`seerjax.kernels.hopper.tuned_pooled_launch` gives a launch (block 64, 16k
+Mosaic GPU pooled forward where :func:`seerjax.kernels.hopper.tuned_pooled_launch` gives a launch (block 64, 8k
 tokens or more), else the Triton kernel.
 ``"reference"`` (pure jnp) is always available.
 """

@@ -947,16 +947,17 @@ def pooling_supported(shape: AttentionShape, dtype) -> bool:
 
 
 POOLED_ROWMAX_BUDGET = 4 * 2**30  # bytes of float32 row maxima per call before the heads are chunked
-POOLED_MIN_LEN = 16384  # shorter calls keep the portable kernel: the Mosaic GPU one was timed at 32k and 128k only
+POOLED_MIN_LEN = 8192  # shorter calls keep the portable kernel: the Mosaic GPU one was timed from 8k up
 
 
 def tuned_pooled_launch(shape: AttentionShape) -> dict | None:
     """The pooled forward's launch measured fastest on an H100 (docs/kernel_notes.md, tenth session), or None
     where the portable one-pass kernel is the default: pairs, early K wait, no automatic barriers and, with two
     compute warpgroups, ping-pong between them (15.5–16.5 ms at 32k, against 18.2 ms without ping-pong and 19.0–19.2
-    on a persistent grid, cuDNN 14.4–14.7; the portable kernel 19.0–19.4), for queries of at least POOLED_MIN_LEN
-    tokens at block 64. (Before the row maxima were taken from static slices of the S tile, ping-pong was the
-    slower one: 19.4–19.5 against 17.6–18.3 ms, eighth session.)"""
+    on a persistent grid, cuDNN 14.4–14.7; the portable kernel 19.0–19.4; at 8k 1.21–1.22 ms against the
+    portable kernel's 1.33–1.35, cuDNN 1.06–1.13), for queries of at least POOLED_MIN_LEN tokens at block 64.
+    (Before the row maxima were taken from static slices of the S tile, ping-pong was the slower one: 19.4–19.5
+    against 17.6–18.3 ms, eighth session.)"""
     if shape.q_len < POOLED_MIN_LEN or shape.block_size != 64:  # (dtype and head_dim: pooling_supported)
         return None
     consumers = 2 if shape.group % 2 == 0 else 1

@@ -450,11 +450,13 @@ def test_tuned_launch_choices_and_lowering(monkeypatch):
     assert hopper.tuned_launch(sh16k, 8, 132)["head_major"] is True
     _, _, _, sh128 = _shape(1, 512, 512, 8, 2, 128, 128)
     assert hopper.tuned_launch(sh128, 2, 132) == {}
-    # the pooled forward: Mosaic GPU from 16k tokens at block 64 (where it was timed), the portable kernel below
+    # the pooled forward: Mosaic GPU from 8k tokens at block 64 (where it was timed), the portable kernel below
     assert hopper.tuned_pooled_launch(sh) == dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True,
                                                   auto_barriers=False)
     _, _, _, sh8k = _shape(1, 8192, 8192, 32, 8, 128, 64)
-    assert hopper.tuned_pooled_launch(sh8k) is None and hopper.tuned_pooled_launch(sh128) is None
+    _, _, _, sh4k = _shape(1, 4096, 4096, 32, 8, 128, 64)
+    assert hopper.tuned_pooled_launch(sh8k) is not None
+    assert hopper.tuned_pooled_launch(sh4k) is None and hopper.tuned_pooled_launch(sh128) is None
     _, _, _, sh32k_g3 = _shape(1, 32768, 32768, 6, 2, 128, 64)
     assert hopper.tuned_pooled_launch(sh32k_g3)["consumers"] == 1
 
