@@ -4,7 +4,11 @@
   Mosaic GPU pooled forward (`hopper.attention_with_pooling_hopper`) beside them;
 * ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA, query
   tiles per warpgroup and the ping-pong schedule, against the Triton kernel on the same mask;
-* ``backward``: the Mosaic GPU backward (`kernels/hopper_bwd.py`) against the Triton one and cuDNN's.
+* ``backward``: the Mosaic GPU backward (`kernels/hopper_bwd.py`) against the Triton one and cuDNN's;
+* ``items``: the Mosaic GPU forward's cost per work item and per step: per-KV-head masks with the same number of
+  blocks in every row (the diagonal and k - 1 earlier ones at random), for several k; a least-squares line through
+  (mean steps per item, µs per item) gives the per-step cost (slope) and what an item costs besides its steps
+  (intercept).
 
 Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B 1.
 
@@ -13,6 +17,7 @@ Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B
     python eval/tune_kernels.py hopper --length 131072 --densities 0.1,0.5 --json OUT/tune_hopper.json
     python eval/tune_kernels.py backward --length 32768 --densities 0.1 --json OUT/backward.json
     python eval/tune_kernels.py backward --densities 0.1 --bwd-plans first,dq2,loop,dq2-loop-noab --parts
+    python eval/tune_kernels.py items --length 32768 --counts 2,8,16,32 --launches c2-fast-pp-pers132-hm-lr
 """
 
 from __future__ import annotations
@@ -102,6 +107,63 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dic
                              "vs_cudnn": ms / cudnn, "default": False})
                 print(f"round {r} pooled, Mosaic GPU {key}: {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN {cudnn:.3f})",
                       flush=True)
+    return rows
+
+
+def rows_of_k_blocks(seed: int, heads: int, nq: int, k: int):
+    """bool `[1, heads, nq, nq]` causal block mask: row q holds its diagonal block and min(k, q + 1) - 1 blocks
+    before it, drawn at random."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    keys = rng.random((heads, nq, nq))
+    cols = np.arange(nq)
+    keys = np.where(cols[None, None, :] < np.arange(nq)[None, :, None], keys, np.inf)  # only blocks before the diagonal
+    rank = np.argsort(np.argsort(keys, axis=-1), axis=-1)
+    mask = (rank < k - 1) & np.isfinite(keys)
+    mask[:, cols, cols] = True
+    return jnp.asarray(mask[None])
+
+
+def sweep_items(t: int, counts, launches, rounds: int = 1) -> list[dict]:
+    """Per launch, the forward on masks of k blocks per row for each k of `counts`; then per launch and round the
+    least-squares line of µs per item (a CTA's share of the kernel time, over its items) against mean steps per
+    item: slope = µs per step, intercept = µs per item besides its steps."""
+    import numpy as np
+
+    from seerjax.kernels.checks import check_attention_inputs
+    from seerjax.kernels.hopper import block_sparse_attention_hopper, make_hopper_plan, sm_count
+
+    q, k, v = _inputs(t)
+    shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
+    nq = t // BS
+    masks = {c: rows_of_k_blocks(5, HKV, nq, c) for c in counts}
+    rows = []
+    for launch in launches:
+        key = _launch_key(launch)
+        plan = make_hopper_plan(shape, HKV, False, **launch)
+        items = nq * HKV * plan.ctas_per_row
+        ctas = min(plan.persistent or items, sm_count())  # CTAs running at once (one per SM)
+        fn = jax.jit(lambda q, k, v, m, launch=launch: block_sparse_attention_hopper(q, k, v, m, shape, **launch))
+        for r in range(rounds):
+            pts = []
+            for c, mask in masks.items():
+                per_row = np.asarray(mask).sum(-1)
+                steps = (per_row + plan.per_step - 1) // plan.per_step
+                mean_steps = float(steps.mean())
+                ms = _time(fn, q, k, v, mask)
+                per_item_us = ms * 1e3 / (items / ctas)
+                pts.append((mean_steps, per_item_us))
+                rows.append({"kernel": "hopper", "launch": key, "round": r, "k": c, "ms": ms,
+                             "mean_steps": mean_steps, "us_per_item": per_item_us})
+                print(f"round {r} {key} k={c}: {ms:.3f} ms, {mean_steps:.2f} steps per item, "
+                      f"{per_item_us:.2f} µs per item", flush=True)
+            x, y = np.array(pts).T
+            slope, intercept = np.polyfit(x, y, 1)
+            rows.append({"kernel": "fit", "launch": key, "round": r, "us_per_step": float(slope),
+                         "us_per_item_overhead": float(intercept), "ms": float("nan")})
+            print(f"round {r} {key}: {slope:.3f} µs per step, {intercept:.2f} µs per item besides its steps",
+                  flush=True)
     return rows
 
 
@@ -291,7 +353,7 @@ def _backward_parts(plan, residuals, do) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", choices=("pooled", "hopper", "backward"))
+    p.add_argument("kernel", choices=("pooled", "hopper", "backward", "items"))
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--densities", default="0.1,0.5", help="hopper and backward only")
     p.add_argument("--tiles", default=None, help="pooled only: these tiles, e.g. 128x64x4x2,128x64x8x3 (default: all)")
@@ -303,6 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--bwd-plans", default=None,
                    help="backward only: Mosaic GPU backward plans, e.g. first,dq2-loop-noab,tuned (see parse_bwd_plans)")
     p.add_argument("--parts", action="store_true", help="backward only: time each plan's pieces alone too")
+    p.add_argument("--counts", default="2,8,16,32", help="items only: blocks per row, e.g. 2,8,16,32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -316,6 +379,12 @@ def main(argv=None) -> int:
             p.error(f"--masks: expected query and/or kv, got {args.masks!r}")
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")],
                             parse_launches(args.launches) if args.launches else None, masks, args.rounds)
+    elif args.kernel == "items":
+        counts = [int(x) for x in args.counts.split(",") if x]
+        if not counts or min(counts) < 1:
+            p.error(f"--counts: expected positive block counts, got {args.counts!r}")
+        rows = sweep_items(args.length, counts, parse_launches(args.launches or "c2-fast-pp-pers132-hm-lr"),
+                           args.rounds)
     else:
         rows = compare_backward(args.length, [float(x) for x in args.densities.split(",")],
                                 parse_bwd_plans(args.bwd_plans) if args.bwd_plans else None, args.parts)

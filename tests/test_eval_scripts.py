@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,6 +100,9 @@ def test_tune_kernels_parses_launches_and_backward_plans():
         dict(dq_consumers=2, dkdv_consumers=2, kv_loop=True, overlap=True, fused_delta=True, auto_barriers=False,
              stages=3),
     ]
+    mask = np.asarray(tune_kernels.rows_of_k_blocks(0, 2, 40, 5))  # the items sweep's masks
+    assert mask.shape == (1, 2, 40, 40) and (mask.sum(-1) == np.minimum(np.arange(40) + 1, 5)).all()
+    assert mask[0, :, np.arange(40), np.arange(40)].all() and not np.triu(mask, 1).any()
     with pytest.raises(SystemExit, match="--launches: 'pers' in 'c2-pers' is not cN"):
         tune_kernels.parse_launches("c2-pers")
     with pytest.raises(SystemExit, match="--bwd-plans: 'dq' in 'dq' is not first"):
