@@ -107,3 +107,36 @@ def test_tune_kernels_parses_launches_and_backward_plans():
         tune_kernels.parse_launches("c2-pers")
     with pytest.raises(SystemExit, match="--bwd-plans: 'dq' in 'dq' is not first"):
         tune_kernels.parse_bwd_plans("dq")
+
+
+def test_profile_summary_reads_ncu_source_csv(tmp_path, capsys):
+    """profile_forward.summarize: the consumer code (before the producer's register release) split into per-step and
+    per-item instructions by execution count; a file without ncu's source table is refused by name."""
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        import profile_forward
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_long_sb",
+            "stall_barrier", "stall_long_sb (Not Issued)"]
+    rows = [
+        ["0x0", "S2R R0, SR_TID.X", "10", "100", "5", "0", "0"],                 # once per item
+        ["0x10", "MUFU.EX2 R1, R1", "60", "800", "0", "0", "0"],                 # per step (8 steps per item)
+        ["0x20", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "30", "800", "0", "25", "9"],  # per step
+        ["0x30", "USETMAXREG.DEALLOC.CTAPOOL 0x28", "0", "4", "0", "0", "0"],   # the producer from here on
+        ["0x40", "@!P1 BRA 0x100", "999", "50", "999", "0", "0"],
+    ]
+    text = '"Kernel Name","entry_mosaic_gpu_kernel"\n' + "\n".join(
+        ",".join(f'"{c}"' for c in r) for r in [head, *rows])
+    path = tmp_path / "sass.csv"
+    path.write_text("==PROF== something\n" + text + "\n")
+    out = profile_forward.summarize(path, steps_per_item=8, top=3)
+    assert out["consumer_samples"] == 100
+    assert out["by_kind"] == pytest.approx({"per step": 0.9, "per item": 0.1})
+    assert out["by_opcode"]["MUFU"] == pytest.approx(0.6)
+    assert out["top"][0]["sass"].startswith("MUFU") and out["top"][1]["reasons"] == {"stall_barrier": 25.0}
+    assert "per step 90.0%" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"a","b"\n"1","2"\n')
+    with pytest.raises(SystemExit, match="no table with a 'Source' column"):
+        profile_forward.summarize(bad, steps_per_item=1)
