@@ -1,7 +1,8 @@
 """Profile the Mosaic GPU block-sparse forward with Nsight Compute (GPU), and summarize the profile (anywhere).
 
 ``run`` calls the forward (Llama-3-8B attention shape, bf16, causal, per-KV-head masks of k blocks per row, the
-dispatch's tuned launch) twice, so that ``ncu --launch-skip 1`` profiles a warm call. ``summarize`` reads ncu's
+dispatch's tuned launch or ``--launch``) twice, so that ``ncu --launch-skip 1`` profiles a warm call; with
+``--pooled``, the pooled forward (every visible block, row maxima out) instead. ``summarize`` reads ncu's
 source page exported as CSV and prints where the warps' stall samples sit: by SASS opcode, per execution-count
 class (instructions run once per loop step, once per work item, rarely; the producer warpgroup's code apart) and the
 top instructions with their main stall reasons.
@@ -21,22 +22,27 @@ import pathlib
 import sys
 
 
-def run(length: int, blocks: int) -> None:
+def run(length: int, blocks: int, launch: str | None = None, pooled: bool = False) -> None:
     import jax
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import tune_kernels as tk
     from seerjax.kernels.checks import check_attention_inputs
-    from seerjax.kernels.hopper import block_sparse_attention_hopper, sm_count, tuned_launch
+    from seerjax.kernels import hopper
 
     q, k, v = tk._inputs(length)
     shape = check_attention_inputs(q, k, v, causal=True, block_size=tk.BS, sm_scale=None, lengths=None)
-    mask = tk.rows_of_k_blocks(5, tk.HKV, length // tk.BS, blocks)
-    launch = tuned_launch(shape, tk.HKV, sm_count())
-    fn = jax.jit(lambda q, k, v, m: block_sparse_attention_hopper(q, k, v, m, shape, **launch))
+    if pooled:
+        opts = tk.parse_launches(launch)[0] if launch else hopper.tuned_pooled_launch(shape)
+        fn = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, shape, launch=opts))
+        args = (q, k, v)
+    else:
+        opts = tk.parse_launches(launch)[0] if launch else hopper.tuned_launch(shape, tk.HKV, hopper.sm_count())
+        fn = jax.jit(lambda q, k, v, m: hopper.block_sparse_attention_hopper(q, k, v, m, shape, **opts))
+        args = (q, k, v, tk.rows_of_k_blocks(5, tk.HKV, length // tk.BS, blocks))
     for _ in range(2):
-        fn(q, k, v, mask).block_until_ready()
-    print(f"launch: {launch}")
+        jax.block_until_ready(fn(*args))
+    print(f"{'pooled' if pooled else 'sparse'} forward, launch: {opts}")
 
 
 def _number(text: str) -> float:
@@ -86,8 +92,11 @@ def summarize(path, steps_per_item: float, top: int = 25) -> dict:
     for r in consumer:
         by_kind[kind(_number(r[executed]))] += _number(r[samples]) / total
         by_op[opcode(r[src])] += _number(r[samples]) / total
-    out = {"consumer_samples": total, "by_kind": dict(by_kind), "by_opcode": dict(by_op.most_common(15)), "top": []}
+    spills = sum(1 for r in rows if opcode(r[src]) in ("LDL", "STL"))  # local memory: register spills
+    out = {"consumer_samples": total, "by_kind": dict(by_kind), "by_opcode": dict(by_op.most_common(15)), "top": [],
+           "local_memory_instructions": spills}
     print(f"consumer warps: {total:.0f} samples; " + ", ".join(f"{k} {v:.1%}" for k, v in by_kind.most_common()))
+    print(f"local-memory (spill) instructions in the kernel: {spills}")
     print("by opcode: " + ", ".join(f"{k} {v:.1%}" for k, v in by_op.most_common(15)))
     for i in sorted(range(len(consumer)), key=lambda i: -_number(consumer[i][samples]))[:top]:
         r = consumer[i]
@@ -106,6 +115,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="call the forward twice (GPU), for ncu")
     r.add_argument("--length", type=int, default=32768)
     r.add_argument("--blocks", type=int, default=16, help="blocks per row (the diagonal and k - 1 earlier ones)")
+    r.add_argument("--launch", default=None, help="one launch in tune_kernels.py's tokens, e.g. c2-fast-pp-pers132")
+    r.add_argument("--pooled", action="store_true", help="the pooled forward (every visible block) instead")
     s = sub.add_parser("summarize", help="summarize ncu's source page (CSV)")
     s.add_argument("csv")
     s.add_argument("--steps-per-item", type=float, default=1.0,
@@ -115,7 +126,7 @@ def main(argv=None) -> int:
     if args.cmd == "run":
         if args.length % 64 or args.length <= 0 or args.blocks < 1:
             p.error(f"--length must be a positive multiple of 64 and --blocks >= 1; got {args.length}, {args.blocks}")
-        run(args.length, args.blocks)
+        run(args.length, args.blocks, args.launch, args.pooled)
     else:
         summarize(args.csv, args.steps_per_item, args.top)
     return 0

@@ -131,7 +131,7 @@ def test_profile_summary_reads_ncu_source_csv(tmp_path, capsys):
     path = tmp_path / "sass.csv"
     path.write_text("==PROF== something\n" + text + "\n")
     out = profile_forward.summarize(path, steps_per_item=8, top=3)
-    assert out["consumer_samples"] == 100
+    assert out["consumer_samples"] == 100 and out["local_memory_instructions"] == 0
     assert out["by_kind"] == pytest.approx({"per step": 0.9, "per item": 0.1})
     assert out["by_opcode"]["MUFU"] == pytest.approx(0.6)
     assert out["top"][0]["sass"].startswith("MUFU") and out["top"][1]["reasons"] == {"stall_barrier": 25.0}
