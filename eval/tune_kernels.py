@@ -197,10 +197,11 @@ def parse_launches(text: str) -> list[dict]:
     """`"c2,c2-pp,c1-pair-early-noab-s3"` → launch keyword dicts of `block_sparse_attention_hopper`: `cN`
     consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
     next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab, `persN` a persistent
-    grid of N CTAs, `hm` its items ordered head-major, `lr` its output buffers released late."""
+    grid of N CTAs, `hm` its items ordered head-major, `lr` its output buffers released late, `ov` intra-warpgroup
+    overlap (no `pp`, `early`)."""
     return _parse_options(
         text, "--launches", {"c": "consumers", "t": "tiles_per_wg", "s": "stages", "pers": "persistent"},
-        {"hm": {"head_major": True}, "lr": {"late_release": True}, "pp": {"pingpong": True},
+        {"hm": {"head_major": True}, "lr": {"late_release": True}, "ov": {"overlap": True}, "pp": {"pingpong": True},
          "pair": {"pair_blocks": True}, "early": {"early_wait": True}, "noab": {"auto_barriers": False},
          "fast": _FAST},
         "cN, tN, sN, persN, hm, lr, pp, pair, early, noab or fast")

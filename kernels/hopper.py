@@ -140,6 +140,11 @@ class HopperPlan:
       head_major: persistent only: order the work items by (batch, mask head) first, so the CTAs that run
         together read one KV head's K and V (16 MB at 32k for Llama-3-8B: it fits the 50 MB L2, where all 8
         heads' do not).
+      overlap: FlashAttention-3's intra-warpgroup overlap: each step issues S_i = Q K_iᵀ and O += P_{i-1} V_{i-1}
+        back to back and runs the softmax of S_i while the second product computes; O is rescaled after it.
+        One tile per warpgroup, without ping-pong or `emit_stats`; an odd count's last entry is a padded pair.
+        Correct on the H100 but slower (2.05–2.16 against 1.75–1.81 ms at 32k, density 0.1): ptxas serializes
+        the step's wgmmas (a wait after each one), the accumulator being written between them (tenth session).
     """
 
     shape: AttentionShape
@@ -157,6 +162,7 @@ class HopperPlan:
     head_major: bool = False
     emit_lse: bool = False
     late_release: bool = False
+    overlap: bool = False
 
     @property
     def writes_lse(self) -> bool:
@@ -207,6 +213,7 @@ def make_hopper_plan(
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
     persistent: int = 0, head_major: bool = False, emit_lse: bool = False, late_release: bool = False,
+    overlap: bool = False,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -243,10 +250,16 @@ def make_hopper_plan(
         raise ValueError("head_major orders a persistent grid's items: it needs persistent > 0")
     if late_release and not persistent:
         raise ValueError("late_release defers a persistent CTA's buffer release to its next item: it needs persistent > 0")
+    if overlap and (tiles_per_wg != 1 or pingpong or emit_stats or early_wait):
+        raise ValueError(
+            "overlap needs tiles_per_wg=1 and no pingpong, emit_stats or early_wait (it orders each step's waits "
+            f"itself); got tiles_per_wg={tiles_per_wg}, pingpong={pingpong}, emit_stats={emit_stats}, "
+            f"early_wait={early_wait}"
+        )
     return HopperPlan(
         shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
         bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent), bool(head_major), bool(emit_lse),
-        bool(late_release),
+        bool(late_release), bool(overlap),
     )
 
 
@@ -314,6 +327,25 @@ def acc_dot(acc, a, b_ref, interpreted: bool, after_issue=None):
             after_issue()
 
     return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def overlapped_products(a_ref, b_ref, acc, x, c_ref, on_first, interpreted: bool):
+    """(on_first(a·bᵀ), acc + x·c): the wgmma of S = a·bᵀ (shared-memory operands) and the accumulation of x·c
+    (x registers, c shared memory) are issued back to back; `on_first` runs on S while the second one computes
+    (FlashAttention-3's intra-warpgroup overlap). The CPU interpreter: plain dots in the same order."""
+    if interpreted:
+        y = on_first(dot_nt(a_ref, b_ref, True))
+        return y, acc_dot(acc, x, c_ref, True)
+
+    def body(s_ref, o_ref):
+        o_ref[...] = acc
+        plgpu.wgmma(s_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+        plgpu.wgmma(o_ref, x, c_ref)
+        y = on_first(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+        return y, plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+
+    return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32),
+                         plgpu.ACC(acc.shape, jnp.float32))
 
 
 def kv_streams(k_ref, v_ref, b, kv_head, bs: int, k_ring, v_ring):
@@ -478,6 +510,12 @@ def _kernel_body(
                 return jnp.where(c < bs, c + start[0], c + (start[1] - bs))
 
             def softmax_update(s, row0, start, acc, m_prev, l_prev, masked: bool):
+                p16, alpha, m_next, l_next, halves = softmax_stats(s, row0, start, m_prev, l_prev, masked)
+                return p16, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_next, l_next, halves
+
+            def softmax_stats(s, row0, start, m_prev, l_prev, masked: bool):
+                """The online softmax of one S tile: (P in the input dtype, the accumulator's rescale factor, the
+                new row maximum and sum, each listed block's row maximum with emit_stats)."""
                 if masked:
                     rows = iota(s.shape, 0) + row0
                     cols = key_columns(start)
@@ -498,9 +536,8 @@ def _kernel_body(
                     m_use = m_next
                 p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 alpha = jnp.exp2(m_prev - m_use)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_next = l_prev * alpha + p.sum(axis=1)
-                return p.astype(dtype), acc, m_next, l_next, halves
+                return p.astype(dtype), alpha, m_next, l_next, halves
 
             def wait_next_k(i):  # early_wait: the next step's K, while this step's P V wgmma runs
                 @pl.when(i + 1 < it.n_steps)
@@ -563,6 +600,64 @@ def _kernel_body(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return tuple(new_carry)
 
+            def run_overlapped(carry0):
+                """The steps with intra-warpgroup overlap (one tile): step i issues S_i and P_{i-1} V_{i-1} together and
+                runs S_i's softmax under the product; the first step has no product before it, the last product
+                follows the loop. Every step after the full ones is masked (an odd count's last pair padded)."""
+                (slot_q, row0, _), = tiles
+                q_tile = q_smem.at[buf, slot_q]
+
+                def slot_of(i):
+                    return lax.rem(gbase + i, jnp.int32(stages))
+
+                def stats_of(i, slot, m, l, masked):
+                    start = step_start(i) if masked else None
+
+                    def on_s(s):
+                        plgpu.barrier_arrive(k_free.at[slot])  # S is in registers: K's slot is free
+                        p16, alpha, m_next, l_next, _ = softmax_stats(s, row0, start, m, l, masked)
+                        return p16, alpha, m_next, l_next
+
+                    return on_s
+
+                def first(_, c):
+                    acc, m, l, _ = c
+                    slot = slot_of(0)
+                    if plan.late_release:
+                        pl.when(pending)(functools.partial(release_buffer, 1 - buf))
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    p16, alpha, m, l = stats_of(0, slot, m, l, True)(dot_nt(q_tile, k_smem.at[slot], interpreted))
+                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
+
+                def middle(i, c, masked: bool):
+                    acc, m, l, p_prev = c
+                    slot, prev = slot_of(i), slot_of(i - 1)
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[prev])
+                    (p16, alpha, m, l), acc = overlapped_products(
+                        q_tile, k_smem.at[slot], acc, p_prev, v_smem.at[prev], stats_of(i, slot, m, l, masked),
+                        interpreted)
+                    plgpu.barrier_arrive(v_free.at[prev])
+                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
+
+                def last(_, c):
+                    acc, m, l, p_prev = c
+                    prev = slot_of(it.n_steps - 1)
+                    plgpu.barrier_wait(v_ready.at[prev])
+                    acc = acc_dot(acc, p_prev, v_smem.at[prev], interpreted)
+                    plgpu.barrier_arrive(v_free.at[prev])
+                    return acc, m, l, p_prev
+
+                acc, m, l = carry0
+                c = (acc, m, l, cast(jnp.full((WG_ROWS, kw), 0, dtype), plgpu.Layout.WGMMA))
+                any_steps = jnp.minimum(it.n_steps, 1)
+                c = lax.fori_loop(0, any_steps, first, c)
+                unmasked_end = jnp.maximum(it.full_steps, 1)
+                c = lax.fori_loop(1, unmasked_end, functools.partial(_call_overlapped, middle, False), c)
+                c = lax.fori_loop(unmasked_end, it.n_steps, functools.partial(_call_overlapped, middle, True), c)
+                c = lax.fori_loop(0, any_steps, last, c)
+                return (c[:3],)
+
             carry = tuple(
                 (
                     cast(jnp.full((WG_ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA),
@@ -580,7 +675,9 @@ def _kernel_body(
             # buffer the second still holds, while the second waits for the first's next schedule arrival.)
             if plan.pingpong:
                 pl.when(wg == 1)(schedule_point)
-            if plan.any_masked or per_step > 1:
+            if plan.overlap:
+                carry = run_overlapped(carry[0])
+            elif plan.any_masked or per_step > 1:
                 carry = lax.fori_loop(0, it.full_steps, functools.partial(_call_step, step, False), carry)
                 carry = lax.fori_loop(it.full_steps, it.pair_steps, functools.partial(_call_step, step, True), carry)
                 if per_step > 1:  # an odd count's last entry: one block, not a padded pair
@@ -663,6 +760,10 @@ def _kernel_body(
 
 def _call_step(step, masked, it, carry):
     return step(it, carry, masked)
+
+
+def _call_overlapped(step, masked, i, carry):
+    return step(i, carry, masked)
 
 
 def _kernel_call(body, out_type, **kwargs):
@@ -770,7 +871,7 @@ def block_sparse_attention_hopper(
     q, k, v, block_mask, shape: AttentionShape, *, lengths=None, stages: int | None = None,
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None, persistent: int = 0,
-    head_major: bool = False, late_release: bool = False, interpret=None,
+    head_major: bool = False, late_release: bool = False, overlap: bool = False, interpret=None,
 ):
     """Block-sparse attention forward on Hopper (Pallas Mosaic GPU); not differentiable (the dispatch entry
     :func:`block_sparse_attention_sm90` is).
@@ -780,7 +881,7 @@ def block_sparse_attention_hopper(
       block_mask: bool `[B, Hm, nq, nk]`, Hm in {Hq, Hkv}.
       lengths: optional int `[B]` right-padding lengths.
       stages, consumers, tiles_per_wg, pingpong, pair_blocks, early_wait, auto_barriers, persistent, head_major,
-      late_release:
+      late_release, overlap:
         launch shape and schedule (tuning; see :class:`HopperPlan`); None picks defaults.
       interpret: None (compile for the GPU) or Mosaic GPU interpret-mode parameters (jax's private
         `InterpretGPUParams`): runs the kernel on CPU, simulating warpgroups, TMA and barriers (tests).
@@ -799,7 +900,7 @@ def block_sparse_attention_hopper(
     plan = make_hopper_plan(
         shape, mask_heads, lengths is not None, stages=stages, consumers=consumers, tiles_per_wg=tiles_per_wg,
         pingpong=pingpong, pair_blocks=pair_blocks, early_wait=early_wait, auto_barriers=auto_barriers,
-        persistent=persistent, head_major=head_major, late_release=late_release,
+        persistent=persistent, head_major=head_major, late_release=late_release, overlap=overlap,
     )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)

@@ -140,6 +140,19 @@ def test_paired_blocks_and_fast_schedule_lower_for_cuda_at_production_shape(mask
     assert plan.per_step == 2 and hopper.smem_bytes(plan) <= 227 * 1024
 
 
+def test_overlap_lowers_for_cuda_at_production_shape(monkeypatch):
+    """Intra-warpgroup overlap (S of the next step and P V of this one in flight together) with pairs on the
+    persistent grid; the option's checks."""
+    q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
+    launch = dict(consumers=2, pair_blocks=True, auto_barriers=False, persistent=132, head_major=True,
+                  late_release=True, overlap=True)
+    text, modules = _lower(q, kv, n, sh, 8, monkeypatch, **launch)
+    _check_module(text, modules, sh, "bf16", keys_per_step=128)
+    for bad in (dict(pingpong=True), dict(early_wait=True), dict(tiles_per_wg=2)):
+        with pytest.raises(ValueError, match="overlap needs"):
+            hopper.make_hopper_plan(sh, 8, False, consumers=2, overlap=True, **bad)
+
+
 def test_two_tiles_per_warpgroup_lower_for_cuda_at_production_shape(monkeypatch):
     """Per-KV-head masks with all 4 heads of a group in one CTA (2 warpgroups × 2 tiles): one K/V stream."""
     q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
@@ -249,6 +262,13 @@ SCHEDULE_CASES = [
                  dict(persistent=4, stages=3, early_wait=True), id="persistent-q-mask-early-wait", marks=pytest.mark.slow),
     pytest.param((1, 128, 128, 2, 1, 64, 64, True, False, "bfloat16", False, 0.7),
                  dict(FAST, persistent=5, late_release=True), id="persistent-idle-ctas-late-release"),
+    # intra-warpgroup overlap: pairs (odd counts padded), an empty row, persistent with late release; and one block
+    # per step on a plain grid with lengths
+    pytest.param((1, 256, 256, 4, 2, 64, 64, True, True, "bfloat16", False, 0.5),
+                 dict(consumers=2, pair_blocks=True, auto_barriers=False, overlap=True, persistent=3,
+                      late_release=True), id="overlap-pairs-persistent"),
+    pytest.param((2, 200, 200, 2, 1, 64, 64, True, True, "float16", False, 0.6), dict(overlap=True),
+                 id="overlap-single-blocks-lengths", marks=pytest.mark.slow),
 ]
 
 
@@ -379,6 +399,9 @@ LAUNCH_CASES = [
         ("persistent-few-ctas", dict(persistent=7), (2, 3)),
         ("persistent-head-major", dict(FAST, consumers=2, pingpong=True, persistent=132, head_major=True), (2, 7)),
         ("persistent-late-release", dict(FAST, consumers=2, pingpong=True, persistent=132, late_release=True), (2, 7)),
+        ("overlap", dict(overlap=True), (0, 1, 2)),
+        ("overlap-pairs-persistent", dict(consumers=2, pair_blocks=True, auto_barriers=False, persistent=132,
+                                          head_major=True, late_release=True, overlap=True), (2, 7)),
     )
     for i in cases
 ]
