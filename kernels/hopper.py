@@ -31,9 +31,10 @@ How the work is laid out (FlashAttention-3-like, warp specialized):
 * Output through shared memory (the Q tile's buffer) and a TMA store. Rows with no visible key are zero.
 * T and S that are not multiples of block_size are padded with zeros outside the kernel (then sliced).
 * Schedule options (:class:`HopperPlan`; the dispatch's choice is :func:`tuned_launch`): two list entries per
-  step (128-key S tiles), the next K waited for under P V, no automatic barriers, ping-pong between the two
-  compute warpgroups, and a persistent grid (one CTA per SM walking work items, head-major, the next item's Q
-  and K/V loading while the current one finishes).
+  step (128-key S tiles), no automatic barriers, intra-warpgroup overlap (the next S = Q Kᵀ and this P V in
+  flight together, the softmax under the product; or else ping-pong between the two compute warpgroups with
+  the next K waited for under P V), and a persistent grid (one CTA per SM walking work items, head-major, the
+  next item's Q and K/V loading while the current one finishes).
 
 API notes (jax 0.10.2 on CPU hosts, 0.11.x on the GPU machine): the subset of `plgpu` used here
 (`kernel`, `SMEM`, `Barrier`, `copy_gmem_to_smem` with a barrier, `barrier_wait/arrive`, `wgmma`, `ACC`,
@@ -143,8 +144,9 @@ class HopperPlan:
       overlap: FlashAttention-3's intra-warpgroup overlap: each step issues S_i = Q K_iᵀ and O += P_{i-1} V_{i-1}
         back to back and runs the softmax of S_i while the second product computes; O is rescaled after it.
         One tile per warpgroup, without ping-pong or `emit_stats`; an odd count's last entry is a padded pair.
-        Correct on the H100 but slower (2.05–2.16 against 1.75–1.81 ms at 32k, density 0.1): ptxas serializes
-        the step's wgmmas (a wait after each one), the accumulator being written between them (tenth session).
+        P is converted to the input dtype only after P_{i-1} V_{i-1} is done: writing the bf16 P registers while
+        that wgmma reads the previous ones made ptxas serialize every wgmma (C7513; 2.05–2.16 ms at 32k, density
+        0.1, against 1.57–1.69 ms with the late conversion, tenth session).
     """
 
     shape: AttentionShape
@@ -513,9 +515,10 @@ def _kernel_body(
                 p16, alpha, m_next, l_next, halves = softmax_stats(s, row0, start, m_prev, l_prev, masked)
                 return p16, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_next, l_next, halves
 
-            def softmax_stats(s, row0, start, m_prev, l_prev, masked: bool):
-                """The online softmax of one S tile: (P in the input dtype, the accumulator's rescale factor, the
-                new row maximum and sum, each listed block's row maximum with emit_stats)."""
+            def softmax_stats(s, row0, start, m_prev, l_prev, masked: bool, convert: bool = True):
+                """The online softmax of one S tile: (P in the input dtype, or float32 without `convert`, the
+                accumulator's rescale factor, the new row maximum and sum, each listed block's row maximum with
+                emit_stats)."""
                 if masked:
                     rows = iota(s.shape, 0) + row0
                     cols = key_columns(start)
@@ -537,7 +540,7 @@ def _kernel_body(
                 p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 alpha = jnp.exp2(m_prev - m_use)
                 l_next = l_prev * alpha + p.sum(axis=1)
-                return p.astype(dtype), alpha, m_next, l_next, halves
+                return (p.astype(dtype) if convert else p), alpha, m_next, l_next, halves
 
             def wait_next_k(i):  # early_wait: the next step's K, while this step's P V wgmma runs
                 @pl.when(i + 1 < it.n_steps)
@@ -615,8 +618,10 @@ def _kernel_body(
 
                     def on_s(s):
                         plgpu.barrier_arrive(k_free.at[slot])  # S is in registers: K's slot is free
-                        p16, alpha, m_next, l_next, _ = softmax_stats(s, row0, start, m, l, masked)
-                        return p16, alpha, m_next, l_next
+                        # P stays float32 (in S's registers) until P_{i-1} V_{i-1} is done: writing the bf16 P
+                        # registers while that wgmma reads P_{i-1} makes ptxas serialize every wgmma (C7513).
+                        p, alpha, m_next, l_next, _ = softmax_stats(s, row0, start, m, l, masked, convert=False)
+                        return p, alpha, m_next, l_next
 
                     return on_s
 
@@ -626,19 +631,19 @@ def _kernel_body(
                     if plan.late_release:
                         pl.when(pending)(functools.partial(release_buffer, 1 - buf))
                     plgpu.barrier_wait(k_ready.at[slot])
-                    p16, alpha, m, l = stats_of(0, slot, m, l, True)(dot_nt(q_tile, k_smem.at[slot], interpreted))
-                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
+                    p, alpha, m, l = stats_of(0, slot, m, l, True)(dot_nt(q_tile, k_smem.at[slot], interpreted))
+                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p.astype(dtype)
 
                 def middle(i, c, masked: bool):
                     acc, m, l, p_prev = c
                     slot, prev = slot_of(i), slot_of(i - 1)
                     plgpu.barrier_wait(k_ready.at[slot])
                     plgpu.barrier_wait(v_ready.at[prev])
-                    (p16, alpha, m, l), acc = overlapped_products(
+                    (p, alpha, m, l), acc = overlapped_products(
                         q_tile, k_smem.at[slot], acc, p_prev, v_smem.at[prev], stats_of(i, slot, m, l, masked),
                         interpreted)
                     plgpu.barrier_arrive(v_free.at[prev])
-                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
+                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p.astype(dtype)
 
                 def last(_, c):
                     acc, m, l, p_prev = c
@@ -973,16 +978,17 @@ HEAD_MAJOR_MIN_KV_BYTES = 48 * 2**20  # K and V of all heads above this (most of
 
 
 def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | None:
-    """The launch options measured fastest on an H100 (docs/kernel_notes.md, eighth session) for this call,
-    or None where the portable Triton kernel was faster.
+    """The launch options measured fastest on an H100 (docs/kernel_notes.md, eighth to tenth sessions) for this
+    call, or None where the portable Triton kernel was faster.
 
-    * Per-KV-head masks at block 64 (several query heads share a list row): two blocks per step, the next K
-      waited for under P V, no automatic barriers, ping-pong between the two compute warpgroups, and a
-      persistent grid of one CTA per SM: 1.80–1.92 ms against Triton's 2.62–3.04 ms at 32k, density 0.1,
-      and 23.8 against 34.8 ms at 128k. Items head-major only where all heads' K and V overflow the L2
-      (HEAD_MAJOR_MIN_KV_BYTES): at 8k dense head-major took 1.26–1.30 ms, query-block-major 1.10–1.14 ms,
-      cuDNN 1.30–1.33 ms (ninth session). Output buffers released late: 1.73–1.79 against 1.78–1.83 ms at 32k,
-      density 0.1 (same rounds), no change at 8k dense.
+    * Per-KV-head masks at block 64 (several query heads share a list row): two blocks per step, no automatic
+      barriers, intra-warpgroup overlap, and a persistent grid of one CTA per SM. At 32k, density 0.1, overlap
+      took 1.57–1.69 ms against ping-pong with the early K wait's 1.64–1.76 ms in the same rounds (and 13.5–14.6
+      against 13.8–15.9 ms dense; tenth session); ping-pong had taken 1.80–1.92 ms against Triton's 2.62–3.04
+      (eighth session). Items head-major only where all heads' K and V overflow the L2
+      (HEAD_MAJOR_MIN_KV_BYTES): at 8k dense head-major took 1.26–1.30 ms, query-block-major 1.10–1.14 ms, cuDNN
+      1.30–1.33 ms (ninth session). Output buffers released late: 1.73–1.79 against 1.78–1.83 ms at 32k, density
+      0.1 (same rounds), no change at 8k dense.
     * Per-query-head masks at block 64 (64 query rows per CTA): None, the Triton kernel (2.86–2.94 ms against
       3.10–3.30 ms at 32k, density 0.1).
     * Block 128: the default launch (first version; not re-tuned).
@@ -994,8 +1000,8 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
         return None
     consumers = 2 if share % 2 == 0 else 1
     kv_bytes = 2 * shape.batch * shape.kv_len * shape.kv_heads * shape.head_dim * 2
-    return dict(consumers=consumers, pingpong=consumers == 2, pair_blocks=True, early_wait=True,
-                auto_barriers=False, persistent=n_sms, head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES, late_release=True)
+    return dict(consumers=consumers, pair_blocks=True, overlap=True, auto_barriers=False, persistent=n_sms,
+                head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES, late_release=True)
 
 
 def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):

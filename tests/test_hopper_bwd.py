@@ -99,15 +99,17 @@ def test_matches_portable_backward_in_interpret_mode(case, spec):
 
 
 def test_hopper_forward_residuals_in_interpret_mode():
-    """The Hopper forward with its log-sum-exp output (a persistent, ping-pong launch: the LSE store of every
-    item) saves what the portable forward does, and the Hopper backward on them gives the portable gradients."""
+    """The Hopper forward with its log-sum-exp output (the dispatch's launch on a persistent grid of 3 CTAs:
+    intra-warpgroup overlap, late release, the LSE store of every item) saves what the portable forward does, and
+    the Hopper backward on them gives the portable gradients."""
     case = (1, 192, 192, 4, 2, 64, True, False, "bfloat16", False, 0.6)
     sh, q, k, v, do, mask, lengths, pplan = _problem(case, seed=4, interpret=True)
     mask = mask.at[:, :, 1].set(False)  # an empty row: lse +inf, zero output and gradients
     out_want, residuals = bsp._forward(q, k, v, mask, lengths, pplan, False)
     want = bsp._backward(pplan, False, residuals, do)
-    hplan = hopper.make_hopper_plan(sh, sh.kv_heads, False, consumers=2, pingpong=True, pair_blocks=True,
-                                    early_wait=True, auto_barriers=False, persistent=3)
+    launch = hopper.tuned_launch(sh, sh.kv_heads, 3)
+    assert launch["overlap"] and launch["persistent"] == 3
+    hplan = hopper.make_hopper_plan(sh, sh.kv_heads, False, **launch)
     plan = hopper_bwd.tuned_bwd_plan(sh, sh.kv_heads, False)
 
     def run(params):
