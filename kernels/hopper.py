@@ -31,10 +31,10 @@ How the work is laid out (FlashAttention-3-like, warp specialized):
 * Output through shared memory (the Q tile's buffer) and a TMA store. Rows with no visible key are zero.
 * T and S that are not multiples of block_size are padded with zeros outside the kernel (then sliced).
 * Schedule options (:class:`HopperPlan`; the dispatch's choice is :func:`tuned_launch`): two list entries per
-  step (128-key S tiles), no automatic barriers, intra-warpgroup overlap (the next S = Q Kᵀ and this P V in
-  flight together, the softmax under the product; or else ping-pong between the two compute warpgroups with
-  the next K waited for under P V), and a persistent grid (one CTA per SM walking work items, head-major, the
-  next item's Q and K/V loading while the current one finishes).
+  step (128-key S tiles), the next K waited for under P V, no automatic barriers, ping-pong between the two
+  compute warpgroups (or, instead, intra-warpgroup overlap: the next S = Q Kᵀ and this P V in flight together),
+  and a persistent grid (one CTA per SM walking work items, head-major, the next item's Q and K/V loading while
+  the current one finishes).
 
 API notes (jax 0.10.2 on CPU hosts, 0.11.x on the GPU machine): the subset of `plgpu` used here
 (`kernel`, `SMEM`, `Barrier`, `copy_gmem_to_smem` with a barrier, `barrier_wait/arrive`, `wgmma`, `ACC`,
@@ -981,14 +981,15 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
     """The launch options measured fastest on an H100 (docs/kernel_notes.md, eighth to tenth sessions) for this
     call, or None where the portable Triton kernel was faster.
 
-    * Per-KV-head masks at block 64 (several query heads share a list row): two blocks per step, no automatic
-      barriers, intra-warpgroup overlap, and a persistent grid of one CTA per SM. At 32k, density 0.1, overlap
-      took 1.57–1.69 ms against ping-pong with the early K wait's 1.64–1.76 ms in the same rounds (and 13.5–14.6
-      against 13.8–15.9 ms dense; tenth session); ping-pong had taken 1.80–1.92 ms against Triton's 2.62–3.04
-      (eighth session). Items head-major only where all heads' K and V overflow the L2
-      (HEAD_MAJOR_MIN_KV_BYTES): at 8k dense head-major took 1.26–1.30 ms, query-block-major 1.10–1.14 ms, cuDNN
-      1.30–1.33 ms (ninth session). Output buffers released late: 1.73–1.79 against 1.78–1.83 ms at 32k, density
-      0.1 (same rounds), no change at 8k dense.
+    * Per-KV-head masks at block 64 (several query heads share a list row): two blocks per step, the next K
+      waited for under P V, no automatic barriers, ping-pong between the two compute warpgroups, and a
+      persistent grid of one CTA per SM: 1.80–1.92 ms against Triton's 2.62–3.04 ms at 32k, density 0.1,
+      and 23.8 against 34.8 ms at 128k. Items head-major only where all heads' K and V overflow the L2
+      (HEAD_MAJOR_MIN_KV_BYTES): at 8k dense head-major took 1.26–1.30 ms, query-block-major 1.10–1.14 ms,
+      cuDNN 1.30–1.33 ms (ninth session). Output buffers released late: 1.73–1.79 against 1.78–1.83 ms at 32k,
+      density 0.1 (same rounds), no change at 8k dense. Intra-warpgroup overlap instead of ping-pong (`overlap`)
+      was 2% faster at 32k, density 0.1 (1.57–1.69 against 1.64–1.76 ms) but slower on short rows (8k, density
+      0.1: 0.446 against 0.28–0.34 ms in the bench), so ping-pong stays (tenth session).
     * Per-query-head masks at block 64 (64 query rows per CTA): None, the Triton kernel (2.86–2.94 ms against
       3.10–3.30 ms at 32k, density 0.1).
     * Block 128: the default launch (first version; not re-tuned).
@@ -1000,8 +1001,8 @@ def tuned_launch(shape: AttentionShape, mask_heads: int, n_sms: int) -> dict | N
         return None
     consumers = 2 if share % 2 == 0 else 1
     kv_bytes = 2 * shape.batch * shape.kv_len * shape.kv_heads * shape.head_dim * 2
-    return dict(consumers=consumers, pair_blocks=True, overlap=True, auto_barriers=False, persistent=n_sms,
-                head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES, late_release=True)
+    return dict(consumers=consumers, pingpong=consumers == 2, pair_blocks=True, early_wait=True,
+                auto_barriers=False, persistent=n_sms, head_major=kv_bytes > HEAD_MAJOR_MIN_KV_BYTES, late_release=True)
 
 
 def block_sparse_attention_sm90(q, k, v, block_mask, shape: AttentionShape, *, lengths=None):

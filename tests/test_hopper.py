@@ -460,12 +460,12 @@ def test_tuned_launch_choices_and_lowering(monkeypatch):
     q, kv, n, sh = _shape(1, 32768, 32768, 32, 8, 128, 64)
     assert hopper.tuned_launch(sh, 32, 132) is None  # per-query-head masks at block 64: the Triton kernel
     launch = hopper.tuned_launch(sh, 8, 132)
-    assert launch == dict(consumers=2, pair_blocks=True, overlap=True, auto_barriers=False, persistent=132,
-                          head_major=True, late_release=True)
+    assert launch == dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True, auto_barriers=False,
+                          persistent=132, head_major=True, late_release=True)
     text, modules = _lower(q, kv, n, sh, 8, monkeypatch, **launch)
     _check_module(text, modules, sh, "bf16", keys_per_step=128)
-    _, _, _, sh3 = _shape(1, 512, 512, 6, 2, 128, 64)  # G = 3: one compute warpgroup
-    assert hopper.tuned_launch(sh3, 2, 132)["consumers"] == 1
+    _, _, _, sh3 = _shape(1, 512, 512, 6, 2, 128, 64)  # G = 3: one compute warpgroup, so no ping-pong
+    assert hopper.tuned_launch(sh3, 2, 132)["pingpong"] is False
     # head-major items only where K and V of all heads overflow the L2 (8k: 32 MiB, 16k: 64 MiB)
     _, _, _, sh8k = _shape(1, 8192, 8192, 32, 8, 128, 64)
     _, _, _, sh16k = _shape(1, 16384, 16384, 32, 8, 128, 64)

@@ -98,17 +98,21 @@ def test_matches_portable_backward_in_interpret_mode(case, spec):
     _assert_grads_close(got, want)
 
 
-def test_hopper_forward_residuals_in_interpret_mode():
+@pytest.mark.parametrize("overlap", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["tuned", "overlap"])
+def test_hopper_forward_residuals_in_interpret_mode(overlap):
     """The Hopper forward with its log-sum-exp output (the dispatch's launch on a persistent grid of 3 CTAs:
-    intra-warpgroup overlap, late release, the LSE store of every item) saves what the portable forward does, and
-    the Hopper backward on them gives the portable gradients."""
+    ping-pong, late release, the LSE store of every item; or the same with intra-warpgroup overlap instead of
+    ping-pong) saves what the portable forward does, and the Hopper backward on them gives the portable
+    gradients."""
     case = (1, 192, 192, 4, 2, 64, True, False, "bfloat16", False, 0.6)
     sh, q, k, v, do, mask, lengths, pplan = _problem(case, seed=4, interpret=True)
     mask = mask.at[:, :, 1].set(False)  # an empty row: lse +inf, zero output and gradients
     out_want, residuals = bsp._forward(q, k, v, mask, lengths, pplan, False)
     want = bsp._backward(pplan, False, residuals, do)
     launch = hopper.tuned_launch(sh, sh.kv_heads, 3)
-    assert launch["overlap"] and launch["persistent"] == 3
+    assert launch["pingpong"] and launch["persistent"] == 3
+    if overlap:
+        launch = {k: val for k, val in launch.items() if k not in ("pingpong", "early_wait")} | {"overlap": True}
     hplan = hopper.make_hopper_plan(sh, sh.kv_heads, False, **launch)
     plan = hopper_bwd.tuned_bwd_plan(sh, sh.kv_heads, False)
 
