@@ -138,6 +138,7 @@ def sweep_items(t: int, counts, launches, rounds: int = 1) -> list[dict]:
     shape = check_attention_inputs(q, k, v, causal=True, block_size=BS, sm_scale=None, lengths=None)
     nq = t // BS
     masks = {c: rows_of_k_blocks(5, HKV, nq, c) for c in counts}
+    per_row = {c: np.asarray(mask).sum(-1) for c, mask in masks.items()}  # blocks in each list row
     rows = []
     for launch in launches:
         key = _launch_key(launch)
@@ -145,18 +146,16 @@ def sweep_items(t: int, counts, launches, rounds: int = 1) -> list[dict]:
         items = nq * HKV * plan.ctas_per_row
         ctas = min(plan.persistent or items, sm_count())  # CTAs running at once (one per SM)
         fn = jax.jit(lambda q, k, v, m, launch=launch: block_sparse_attention_hopper(q, k, v, m, shape, **launch))
+        mean_steps = {c: float(((n + plan.per_step - 1) // plan.per_step).mean()) for c, n in per_row.items()}
         for r in range(rounds):
             pts = []
             for c, mask in masks.items():
-                per_row = np.asarray(mask).sum(-1)
-                steps = (per_row + plan.per_step - 1) // plan.per_step
-                mean_steps = float(steps.mean())
                 ms = _time(fn, q, k, v, mask)
                 per_item_us = ms * 1e3 / (items / ctas)
-                pts.append((mean_steps, per_item_us))
+                pts.append((mean_steps[c], per_item_us))
                 rows.append({"kernel": "hopper", "launch": key, "round": r, "k": c, "ms": ms,
-                             "mean_steps": mean_steps, "us_per_item": per_item_us})
-                print(f"round {r} {key} k={c}: {ms:.3f} ms, {mean_steps:.2f} steps per item, "
+                             "mean_steps": mean_steps[c], "us_per_item": per_item_us})
+                print(f"round {r} {key} k={c}: {ms:.3f} ms, {mean_steps[c]:.2f} steps per item, "
                       f"{per_item_us:.2f} µs per item", flush=True)
             x, y = np.array(pts).T
             slope, intercept = np.polyfit(x, y, 1)
@@ -204,7 +203,7 @@ def parse_launches(text: str) -> list[dict]:
         {"hm": {"head_major": True}, "lr": {"late_release": True}, "ov": {"overlap": True}, "pp": {"pingpong": True},
          "pair": {"pair_blocks": True}, "early": {"early_wait": True}, "noab": {"auto_barriers": False},
          "fast": _FAST},
-        "cN, tN, sN, persN, hm, lr, pp, pair, early, noab or fast")
+        "cN, tN, sN, persN, hm, lr, ov, pp, pair, early, noab or fast")
 
 
 def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds: int = 1) -> list[dict]:

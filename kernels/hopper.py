@@ -506,7 +506,7 @@ def _kernel_body(
             valid = valid_ref[it.b]
 
             def key_columns(start):
-                if per_step == 1 or not isinstance(start, tuple):
+                if not isinstance(start, tuple):  # one block per step, or an odd count's single last entry
                     return iota((WG_ROWS, bs), 1) + start
                 c = iota((WG_ROWS, kw), 1)  # two blocks side by side: columns from each one's start
                 return jnp.where(c < bs, c + start[0], c + (start[1] - bs))
@@ -658,8 +658,8 @@ def _kernel_body(
                 any_steps = jnp.minimum(it.n_steps, 1)
                 c = lax.fori_loop(0, any_steps, first, c)
                 unmasked_end = jnp.maximum(it.full_steps, 1)
-                c = lax.fori_loop(1, unmasked_end, functools.partial(_call_overlapped, middle, False), c)
-                c = lax.fori_loop(unmasked_end, it.n_steps, functools.partial(_call_overlapped, middle, True), c)
+                c = lax.fori_loop(1, unmasked_end, functools.partial(_call_step, middle, False), c)
+                c = lax.fori_loop(unmasked_end, it.n_steps, functools.partial(_call_step, middle, True), c)
                 c = lax.fori_loop(0, any_steps, last, c)
                 return (c[:3],)
 
@@ -763,11 +763,8 @@ def _kernel_body(
             produce_item(here, 0, 0)
 
 
-def _call_step(step, masked, it, carry):
-    return step(it, carry, masked)
-
-
-def _call_overlapped(step, masked, i, carry):
+def _call_step(step, masked, i, carry):
+    """A fori_loop body: `step(i, carry, masked)`."""
     return step(i, carry, masked)
 
 
