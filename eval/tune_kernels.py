@@ -197,13 +197,14 @@ def parse_launches(text: str) -> list[dict]:
     consumers, `tN` tiles per warpgroup, `sN` stages, `pp` ping-pong, `pair` two blocks per step, `early` the
     next K waited for under P V, `noab` no automatic barriers, `fast` = pair-early-noab, `persN` a persistent
     grid of N CTAs, `hm` its items ordered head-major, `lr` its output buffers released late, `ov` intra-warpgroup
-    overlap (no `pp`, `early`)."""
+    overlap (no `pp`, `early`), `rbN` (pooled only) the row maxima of N steps stored at once."""
     return _parse_options(
-        text, "--launches", {"c": "consumers", "t": "tiles_per_wg", "s": "stages", "pers": "persistent"},
+        text, "--launches",
+        {"c": "consumers", "t": "tiles_per_wg", "s": "stages", "pers": "persistent", "rb": "rowmax_batch"},
         {"hm": {"head_major": True}, "lr": {"late_release": True}, "ov": {"overlap": True}, "pp": {"pingpong": True},
          "pair": {"pair_blocks": True}, "early": {"early_wait": True}, "noab": {"auto_barriers": False},
          "fast": _FAST},
-        "cN, tN, sN, persN, hm, lr, ov, pp, pair, early, noab or fast")
+        "cN, tN, sN, persN, rbN, hm, lr, ov, pp, pair, early, noab or fast")
 
 
 def sweep_hopper(t: int, densities, launches=None, masks=("query", "kv"), rounds: int = 1) -> list[dict]:

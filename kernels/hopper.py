@@ -147,6 +147,12 @@ class HopperPlan:
         P is converted to the input dtype only after P_{i-1} V_{i-1} is done: writing the bf16 P registers while
         that wgmma reads the previous ones made ptxas serialize every wgmma (C7513; 2.05–2.16 ms at 32k, density
         0.1, against 1.57–1.69 ms with the late conversion, tenth session).
+      rowmax_batch: with `emit_stats`, the steps whose block row maxima go out in one TMA store (R): each compute
+        warpgroup fills a stage of R steps' blocks and stores it whole (one fence, warpgroup barrier and TMA issue
+        per R steps instead of one per block). Only for lists that are 0, 1, ..., count - 1 (the pooled forward's
+        every-visible-block lists); the row-max buffer's block axis is padded to whole stages
+        (:attr:`rowmax_blocks`), and the padding and the slots a row's last stage leaves unwritten hold blocks no
+        row of it sees. 1: each block's maxima stored on their own (any lists).
     """
 
     shape: AttentionShape
@@ -165,6 +171,13 @@ class HopperPlan:
     emit_lse: bool = False
     late_release: bool = False
     overlap: bool = False
+    rowmax_batch: int = 1
+
+    @property
+    def rowmax_blocks(self) -> int:
+        """Key blocks of the row-max buffer: nk rounded up to whole stages of rowmax_batch steps."""
+        per = self.rowmax_batch * self.per_step
+        return -(-self.shape.nk // per) * per
 
     @property
     def writes_lse(self) -> bool:
@@ -215,7 +228,7 @@ def make_hopper_plan(
     consumers: int | None = None, tiles_per_wg: int | None = None, pingpong: bool = False,
     emit_stats: bool = False, pair_blocks: bool = False, early_wait: bool = False, auto_barriers: bool | None = None,
     persistent: int = 0, head_major: bool = False, emit_lse: bool = False, late_release: bool = False,
-    overlap: bool = False,
+    overlap: bool = False, rowmax_batch: int = 1,
 ) -> HopperPlan:
     tiles = (shape.q_heads // mask_heads) * (shape.block_size // WG_ROWS)
     if consumers is None:
@@ -258,10 +271,14 @@ def make_hopper_plan(
             f"itself); got tiles_per_wg={tiles_per_wg}, pingpong={pingpong}, emit_stats={emit_stats}, "
             f"early_wait={early_wait}"
         )
+    if isinstance(rowmax_batch, bool) or not isinstance(rowmax_batch, int) or rowmax_batch < 1:
+        raise ValueError(f"rowmax_batch must be an int >= 1 (steps per row-max store); got {rowmax_batch!r}")
+    if rowmax_batch > 1 and not emit_stats:
+        raise ValueError(f"rowmax_batch={rowmax_batch} batches the row-max stores of emit_stats, which is off")
     return HopperPlan(
         shape, mask_heads, has_lengths, stages, consumers, tiles_per_wg, bool(pingpong), bool(emit_stats),
         bool(pair_blocks), bool(early_wait), bool(auto_barriers), int(persistent), bool(head_major), bool(emit_lse),
-        bool(late_release), bool(overlap),
+        bool(late_release), bool(overlap), int(rowmax_batch),
     )
 
 
@@ -416,7 +433,7 @@ def _kernel_body(
     dtype = q_ref.dtype
     (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped[:4]
     if plan.emit_stats:
-        rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, per_step, 64] and [consumers, 64]
+        rm_stage, lse_stage = scoped[4]  # float32 [consumers, 2, rowmax_batch·per_step, 64] and [consumers, 64]
     elif plan.emit_lse:
         (lse_stage,) = scoped[4]
 
@@ -556,6 +573,30 @@ def _kernel_body(
                 # No second entry: its columns start far past any valid length, so they are all masked out.
                 return first, jnp.where(e0 + 1 < it.count, second, jnp.int32(1 << 30))
 
+            def store_row_maxima(it, i, halves, row0, head):
+                """rowmax_batch R > 1: step i's block maxima go to slot i mod R of a stage of R steps' blocks (two
+                stages, alternating); the stage goes out in one TMA store after its last step or the item's last.
+                The item's lists are 0, 1, ..., count - 1, so the stage of steps [jR, jR + R) holds the key blocks
+                from j·R·per_step on. A last stage's unwritten slots land on blocks past the row's last visible
+                one (the row-max buffer is padded to whole stages), which the pooling epilogue masks out."""
+                rb = plan.rowmax_batch
+                batch, pos = lax.div(i, jnp.int32(rb)), lax.rem(i, jnp.int32(rb))
+                stage = rm_stage.at[wg, lax.rem(batch, jnp.int32(2))]
+
+                @pl.when(pos == 0)
+                def _():  # all stores but the latest have read their stage: the latest is never this one's
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+
+                for e, row_max in enumerate(halves):  # (an odd count's last entry is a single step)
+                    stage.at[pos * per_step + e][...] = row_max
+
+                @pl.when((pos == rb - 1) | (i == it.n_steps - 1))
+                def _():
+                    plgpu.commit_smem()
+                    blocks = rb * per_step
+                    plgpu.copy_smem_to_gmem(stage, rm_ref.at[it.b, head, pl.ds(batch * blocks, blocks),
+                                                             pl.ds(row0, WG_ROWS)])
+
             def step(i, carry, masked: bool, single: bool = False):
                 """Ring step `i`: S = Q Kᵀ over the slot's keys, the softmax update, P V. `single`: only the
                 slot's first block (an odd count's last entry)."""
@@ -579,7 +620,10 @@ def _kernel_body(
                     *update, halves = softmax_update(s_j, row0, start, *carry_j, masked=masked)
                     updated.append(update)
                     if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
-                        for e, row_max in enumerate(halves):  # (an odd count's last entry is a single step)
+                        if plan.rowmax_batch > 1:
+                            store_row_maxima(it, i, halves, row0, tiles[0][2])
+                        for e, row_max in enumerate(halves if plan.rowmax_batch == 1 else ()):
+                            # (an odd count's last entry is a single step)
                             stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2)), e]
                             # The stores issued since this slot's last one: the rest of that step's, the previous
                             # step's and this step's so far (at most 2·per_step - 1): the one before has read it.
@@ -787,7 +831,7 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     def entry(lists_ref, spans_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, *stat_refs):
         lse_stage = plgpu.SMEM((consumers, WG_ROWS), jnp.float32)
         if plan.emit_stats:
-            stats = ((plgpu.SMEM((consumers, 2, plan.per_step, WG_ROWS), jnp.float32), lse_stage),)
+            stats = ((plgpu.SMEM((consumers, 2, plan.rowmax_batch * plan.per_step, WG_ROWS), jnp.float32), lse_stage),)
         else:
             stats = ((lse_stage,),) if plan.emit_lse else ()
         if plan.emit_lse and not plan.emit_stats:
@@ -821,7 +865,7 @@ def _forward_call(plan: HopperPlan, lists, spans, valid, q, k, v, interpret=None
     b, t_pad = q.shape[0], q.shape[1]
     lse_type = jax.ShapeDtypeStruct((b, sh.q_heads, t_pad), jnp.float32)
     if plan.emit_stats:
-        out_type = (out_type, jax.ShapeDtypeStruct((b, sh.q_heads, sh.nk, t_pad), jnp.float32), lse_type)
+        out_type = (out_type, jax.ShapeDtypeStruct((b, sh.q_heads, plan.rowmax_blocks, t_pad), jnp.float32), lse_type)
     elif plan.emit_lse:
         out_type = (out_type, lse_type)
     kernel = _kernel_call(
@@ -1039,6 +1083,7 @@ def _pooled_forward_jit(q, k, v, lengths, plan: HopperPlan, interpret=None):
     sh = plan.shape
     every_block = jnp.ones((sh.batch, plan.mask_heads, sh.nq, sh.nk), bool)
     out_p, rowmax, lse2 = _forward_call(plan, *_prepare(q, k, v, every_block, lengths, sh, interpret), interpret)
+    rowmax = rowmax[:, :, : sh.nk]  # (rowmax_batch: padded to whole stages)
     # The same epilogue as the portable one-pass path: pooled = max over a block's rows that see the key block
     # of exp2(rowmax - lse2); pairs no row sees (and blocks the kernel never visited) are masked there.
     tiles = pooling.Tiling(block_q=sh.block_size, block_k=sh.block_size, num_warps=4, num_stages=2)
@@ -1078,8 +1123,8 @@ def attention_with_pooling_hopper(
     one XLA reduction then pools them, as the portable one-pass path does. Not differentiable.
 
     The row-max buffer is float32 `[B, Hq, nk, T]`: 2 GiB at 32k tokens for Llama-3-8B's 32 heads, 32 GiB at 128k.
-    Above `rowmax_budget` bytes the KV heads run in chunks (whole GQA groups, at least one per chunk), one kernel
-    call each. `launch`: make_hopper_plan options (default: the first version's, two heads per CTA;
+    Above `rowmax_budget` bytes the KV heads run in equal chunks (whole GQA groups: the most that fit and divide
+    the KV heads, at least one), one kernel call each, one after another in a `lax.map` loop. `launch`: make_hopper_plan options (default: the first version's, two heads per CTA;
     `emit_stats` is implied).
     """
     if not pooling_supported(shape, q.dtype):
@@ -1092,21 +1137,27 @@ def attention_with_pooling_hopper(
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
     per_group = shape.batch * shape.group * shape.nk * shape.nq * shape.block_size * 4
-    groups = max(1, min(shape.kv_heads, int(rowmax_budget) // per_group))
-    parts = []
-    for g0 in range(0, shape.kv_heads, groups):
-        g1 = min(shape.kv_heads, g0 + groups)
-        sub = dataclasses.replace(shape, q_heads=(g1 - g0) * shape.group, kv_heads=g1 - g0)
-        plan = make_hopper_plan(sub, sub.kv_heads, lengths is not None, emit_stats=True, **launch)
-        qs = q if g1 - g0 == shape.kv_heads else q[:, :, g0 * shape.group: g1 * shape.group]
-        ks, vs = (k, v) if g1 - g0 == shape.kv_heads else (k[:, :, g0:g1], v[:, :, g0:g1])
-        parts.append(_pooled_forward_jit(qs, ks, vs, lengths, plan, interpret))
-    if len(parts) == 1:
-        out, pooled, lse = parts[0]
+    fit = max(1, min(shape.kv_heads, int(rowmax_budget) // per_group))
+    groups = max(g for g in range(1, fit + 1) if shape.kv_heads % g == 0)  # KV heads per chunk: equal chunks
+    sub = dataclasses.replace(shape, q_heads=groups * shape.group, kv_heads=groups)
+    plan = make_hopper_plan(sub, groups, lengths is not None, emit_stats=True, **launch)
+    n = shape.kv_heads // groups
+    if n == 1:
+        out, pooled, lse = _pooled_forward_jit(q, k, v, lengths, plan, interpret)
     else:
-        out = jnp.concatenate([p[0] for p in parts], axis=2)
-        pooled = jnp.concatenate([p[1] for p in parts], axis=1)
-        lse = jnp.concatenate([p[2] for p in parts], axis=1)
+        # One chunk after another in a loop (`lax.map`): one chunk's row maxima alive at a time. Unrolled into n
+        # calls in one program, the chunks took 317 ms at 128k (8 chunks) where 8 separate calls took 263 ms
+        # (eleventh session, docs/kernel_notes.md).
+        b, t, _, d = q.shape
+        s = k.shape[1]
+        chunks = lambda x, rows, heads: jnp.moveaxis(x.reshape(b, rows, n, heads, d), 2, 0)  # noqa: E731
+        out, pooled, lse = lax.map(
+            lambda qkv: _pooled_forward_jit(*qkv, lengths, plan, interpret),
+            (chunks(q, t, groups * shape.group), chunks(k, s, groups), chunks(v, s, groups)),
+        )
+        out = jnp.moveaxis(out, 0, 2).reshape(b, t, shape.q_heads, d)
+        pooled = jnp.moveaxis(pooled, 0, 1).reshape(b, shape.q_heads, *pooled.shape[3:])
+        lse = jnp.moveaxis(lse, 0, 1).reshape(b, shape.q_heads, t)
     return (out, pooled, lse) if return_lse else (out, pooled)
 
 

@@ -90,10 +90,11 @@ def test_tune_kernels_parses_launches_and_backward_plans():
         import tune_kernels
     finally:
         sys.path.remove(str(ROOT / "eval"))
-    assert tune_kernels.parse_launches("c2-pp-fast-pers132-hm-lr,t2-s3") == [
+    assert tune_kernels.parse_launches("c2-pp-fast-pers132-hm-lr,t2-s3,c2-fast-rb8") == [
         dict(consumers=2, pingpong=True, pair_blocks=True, early_wait=True, auto_barriers=False, persistent=132,
              head_major=True, late_release=True),
         dict(tiles_per_wg=2, stages=3),
+        dict(consumers=2, pair_blocks=True, early_wait=True, auto_barriers=False, rowmax_batch=8),
     ]
     assert tune_kernels.parse_bwd_plans("first,tuned,dq2-kc2-loop-ov-fd-noab-s3") == [
         {}, {"tuned": True},

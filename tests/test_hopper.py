@@ -520,6 +520,13 @@ def _assert_pooled_outputs_match(got, want):
     pytest.param((2, 256, 256, 8, 2, 64, 64, True, False, "bfloat16"),
                  dict(FAST, consumers=2, pingpong=True, persistent=3, head_major=True, late_release=True),
                  None, id="fast-pingpong-persistent-head-major-G4-batch2"),
+    # row maxima stored in stages of several steps (rowmax_batch): a partial last stage, an odd count's single
+    # step inside a stage, stages across a persistent CTA's items, lengths
+    pytest.param((1, 256, 256, 4, 2, 64, 64, True, False, "bfloat16"),
+                 dict(FAST, consumers=2, pingpong=True, rowmax_batch=2), None, id="fast-pingpong-rowmax-batch-2"),
+    pytest.param((2, 300, 300, 2, 1, 64, 64, True, True, "float16"),
+                 dict(FAST, persistent=3, late_release=True, rowmax_batch=3), None,
+                 id="fast-persistent-rowmax-batch-3-lengths"),
 ])
 def test_pooled_matches_reference_in_interpret_mode(case, launch, budget):
     from seerjax.kernels import api
@@ -540,6 +547,13 @@ def test_pooled_plan_checks():
     q, kv, n, sh = _shape(1, 512, 512, 8, 2, 128, 64)
     with pytest.raises(ValueError, match="emit_stats"):
         hopper.make_hopper_plan(sh, 2, False, consumers=1, tiles_per_wg=2, emit_stats=True)
+    with pytest.raises(ValueError, match="rowmax_batch=4 batches the row-max stores of emit_stats"):
+        hopper.make_hopper_plan(sh, 2, False, rowmax_batch=4)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="rowmax_batch must be an int"):
+            hopper.make_hopper_plan(sh, 2, False, emit_stats=True, rowmax_batch=bad)
+    plan = hopper.make_hopper_plan(sh, 2, False, emit_stats=True, pair_blocks=True, rowmax_batch=3)
+    assert (sh.nk, plan.rowmax_blocks) == (8, 12)  # whole stages of 3 steps × 2 blocks
     q32 = jax.ShapeDtypeStruct((1, 512, 8, 128), jnp.float32)
     kv32 = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.float32)
     sh32 = check_attention_inputs(q32, kv32, kv32, causal=True, block_size=64, sm_scale=None, lengths=None)
@@ -556,14 +570,26 @@ def test_pooled_lowers_for_cuda_at_production_shape():
     q, kv, n, sh = _shape(1, 131072, 131072, 32, 8, 128, 64)
     text = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, sh, launch=launch)).trace(
         q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-    # 32 GiB at 128k: one GQA group's 4 GiB of row maxima per call
+    # 32 GiB at 128k: one GQA group's 4 GiB of row maxima per call, the 8 calls one kernel in a loop
     assert "1x4x2048x131072xf32" in text and "1x32x2048x131072xf32" not in text
+    assert text.count("custom_call @mosaic_gpu") == 1 and "while" in text
+    # a budget of 4 of 6 groups: equal chunks of 3 groups (12 query heads), two of them
+    q, kv, n, sh = _shape(1, 8192, 8192, 24, 6, 128, 64)
+    budget = 4 * sh.group * sh.nk * sh.nq * sh.block_size * 4
+    text = jax.jit(lambda q, k, v: hopper.attention_with_pooling_hopper(q, k, v, sh, launch=launch,
+                                                                        rowmax_budget=budget)).trace(
+        q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert "1x12x128x8192xf32" in text and "1x16x128x8192xf32" not in text
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", [None, dict(FAST, consumers=2, pingpong=True),
-                                    dict(FAST, consumers=2, persistent=132, head_major=True, late_release=True)],
-                         ids=["first", "fast-pingpong", "fast-persistent"])
+                                    dict(FAST, consumers=2, persistent=132, head_major=True, late_release=True),
+                                    dict(FAST, consumers=2, pingpong=True, rowmax_batch=8),
+                                    dict(FAST, consumers=2, pingpong=True, persistent=132, late_release=True,
+                                         rowmax_batch=4)],
+                         ids=["first", "fast-pingpong", "fast-persistent", "fast-pingpong-rb8",
+                              "fast-pingpong-persistent-rb4"])
 @pytest.mark.parametrize("case", [(1, 777, 777, 8, 2, 128, 64, True, True, "bfloat16"),
                                   (1, 8192, 8192, 8, 2, 128, 64, True, False, "bfloat16")])
 def test_pooled_matches_reference_on_gpu(case, launch):
