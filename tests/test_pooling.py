@@ -371,3 +371,34 @@ def test_a_tiling_over_the_gpus_shared_memory_is_refused_by_name(monkeypatch):
         s = Case(1, 256, 256, 1, 1, hd, 128, True, None, None, jnp.dtype(dt).name, 0)
         t = pooling.default_tiling(s.shape(*s.arrays()[:3], None), dt)
         assert pooling.shared_memory_bytes(t, hd, dt) <= 101376, (hd, dt, t)
+
+
+@pytest.mark.parametrize("t,s,bs,block_k,causal,lengths", [
+    (192, 192, 64, 64, True, None),
+    (200, 328, 64, 32, True, None),  # T < S: the offset moves each band's first query block
+    (330, 330, 64, 32, True, [150, 330]),  # lengths, a partial last block
+    (128, 384, 128, 64, True, None),  # block 128, two key tiles per block
+    (300, 300, 64, 64, False, [50, 300]),  # non-causal: one band
+    (640, 640, 64, 64, True, [640, 333]),
+])
+def test_rowmax_epilogue_bands_equal_one_band(t, s, bs, block_k, causal, lengths):
+    """The one-pass epilogue reads a causal buffer in bands of key blocks, each from its first seeing query block
+    on: bit for bit what one band over the whole buffer gives, for any band count, with rows before a band's first
+    query block left 0 (no row there sees it)."""
+    b = 1 if lengths is None else len(lengths)
+    lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    q = jax.ShapeDtypeStruct((b, t, 4, 64), jnp.float32)
+    kv = jax.ShapeDtypeStruct((b, s, 2, 64), jnp.float32)
+    sh = check_attention_inputs(q, kv, kv, causal=causal, block_size=bs, sm_scale=None, lengths=lengths)
+    tiles = pooling.Tiling(block_q=64, block_k=block_k, num_warps=4, num_stages=2)
+    t_pad = sh.nq * bs
+    rowmax = jax.random.normal(jax.random.key(0), (b, 4, sh.nk * bs // block_k, t_pad)) * 3
+    lse2 = jax.random.normal(jax.random.key(1), (b, 4, t_pad)) + 4
+    whole = np.asarray(pooling._pool_rowmax(rowmax, lse2, lengths, sh, tiles, bands=1))
+    assert whole.shape == (b, 4, sh.nq, sh.nk) and (whole > 0).any()
+    if causal:  # no row of query block i sees key block j > i + offset
+        blocks = np.arange(sh.nq)[:, None] * bs + bs - 1 + (s - t) < np.arange(sh.nk)[None, :] * bs
+        assert (whole[:, :, blocks] == 0).all()
+    for bands in (3, 100):  # (8 is the default: the hopper and one-pass tests run it)
+        np.testing.assert_array_equal(np.asarray(pooling._pool_rowmax(rowmax, lse2, lengths, sh, tiles, bands=bands)),
+                                      whole)
