@@ -1096,7 +1096,9 @@ def pooling_supported(shape: AttentionShape, dtype) -> bool:
     return hopper_supported(shape, shape.kv_heads, dtype)
 
 
-POOLED_ROWMAX_BUDGET = 4 * 2**30  # bytes of float32 row maxima per call before the heads are chunked
+# Bytes of float32 row maxima per kernel call before the KV heads run in chunks (one GQA group per call at 128k: 257-261
+# ms against 317 ms for the same chunks unrolled; smaller chunks were slower at 8k, eleventh session).
+POOLED_ROWMAX_BUDGET = 4 * 2**30
 POOLED_MIN_LEN = 8192  # shorter calls keep the portable kernel: the Mosaic GPU one was timed from 8k up
 
 
@@ -1107,7 +1109,9 @@ def tuned_pooled_launch(shape: AttentionShape) -> dict | None:
     on a persistent grid, cuDNN 14.4–14.7; the portable kernel 19.0–19.4; at 8k 1.21–1.22 ms against the
     portable kernel's 1.33–1.35, cuDNN 1.06–1.13), for queries of at least POOLED_MIN_LEN tokens at block 64.
     (Before the row maxima were taken from static slices of the S tile, ping-pong was the slower one: 19.4–19.5
-    against 17.6–18.3 ms, eighth session.)"""
+    against 17.6–18.3 ms, eighth session.) With the chunk loop and the banded epilogue, one bench run gave 1.03×,
+    1.09× and 1.01× cuDNN's time at 8k, 32k and 128k (eleventh session). Storing the row maxima in stages
+    (`rowmax_batch`) was no faster on this grid, so it is not in the launch."""
     if shape.q_len < POOLED_MIN_LEN or shape.block_size != 64:  # (dtype and head_dim: pooling_supported)
         return None
     consumers = 2 if shape.group % 2 == 0 else 1
