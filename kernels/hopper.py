@@ -1128,8 +1128,8 @@ def attention_with_pooling_hopper(
 
     The row-max buffer is float32 `[B, Hq, nk, T]`: 2 GiB at 32k tokens for Llama-3-8B's 32 heads, 32 GiB at 128k.
     Above `rowmax_budget` bytes the KV heads run in equal chunks (whole GQA groups: the most that fit and divide
-    the KV heads, at least one), one kernel call each, one after another in a `lax.map` loop. `launch`: make_hopper_plan options (default: the first version's, two heads per CTA;
-    `emit_stats` is implied).
+    the KV heads, at least one), one kernel call each, one after another in a `lax.map` loop. `launch`:
+    make_hopper_plan options (default: the first version's, two heads per CTA; `emit_stats` is implied).
     """
     if not pooling_supported(shape, q.dtype):
         raise ValueError(
