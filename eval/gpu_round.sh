@@ -46,6 +46,8 @@ for step in "${steps[@]}"; do
       run t_hopper_bwd "$CAP_TESTS" "${py[@]}" tests/test_hopper_bwd.py &
       wait
       unset XLA_PYTHON_CLIENT_PREALLOCATE
+      # one file for the nine logs: the device tool returns at most 8 files per call (eleventh session)
+      for f in "$out"/t_*.log; do echo "==== $(basename "$f")"; cat "$f"; done > "$out/tests.log" && rm -f "$out"/t_*.log
       ;;
     gate) run gate 120 python3 eval/bench_gate.py --lengths 32768,131072 --json "$out/gate.json" ;;
     tune)
