@@ -614,9 +614,11 @@ def _kernel_body(
                 # Tile by tile: S = Q Kᵀ, then its softmax update right away, so only one float32 S tile is live
                 # next to the accumulators (two tiles per warpgroup: 2 × 64 + 32 + 2 × 16 registers of values).
                 updated = []
-                for (slot_q, row0, _), carry_j in zip(tiles, carry):
+                for j, ((slot_q, row0, _), carry_j) in enumerate(zip(tiles, carry)):
                     s_j = dot_nt(q_smem.at[buf, slot_q], k_in, interpreted,
                                  after_issue=schedule_point if plan.pingpong else None)
+                    if j == len(tiles) - 1:  # the last S is in registers: K's slot is free before the softmax
+                        plgpu.barrier_arrive(k_free.at[slot])
                     *update, halves = softmax_update(s_j, row0, start, *carry_j, masked=masked)
                     updated.append(update)
                     if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
@@ -633,7 +635,6 @@ def _kernel_body(
                             plgpu.commit_smem()
                             key_block = lists_ref[it.b, it.mhead, it.qblk, i * per_step + e]
                             plgpu.copy_smem_to_gmem(stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
-                plgpu.barrier_arrive(k_free.at[slot])
                 if plan.pingpong:
                     plgpu.barrier_arrive(schedule)  # softmax done
                     plgpu.barrier_wait(v_ready.at[slot])
