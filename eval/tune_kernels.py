@@ -381,7 +381,10 @@ def main(argv=None) -> int:
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")],
                             parse_launches(args.launches) if args.launches else None, masks, args.rounds)
     elif args.kernel == "items":
-        counts = [int(x) for x in args.counts.split(",") if x]
+        try:
+            counts = [int(x) for x in args.counts.split(",") if x]
+        except ValueError:
+            counts = []
         if not counts or min(counts) < 1:
             p.error(f"--counts: expected positive block counts, got {args.counts!r}")
         rows = sweep_items(args.length, counts, parse_launches(args.launches or "c2-fast-pp-pers132-hm-lr"),

@@ -624,17 +624,18 @@ def _kernel_body(
                     if plan.emit_stats:  # tiles_per_wg == 1: this is the warpgroup's only tile
                         if plan.rowmax_batch > 1:
                             store_row_maxima(it, i, halves, row0, tiles[0][2])
-                        for e, row_max in enumerate(halves if plan.rowmax_batch == 1 else ()):
-                            # (an odd count's last entry is a single step)
-                            stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2)), e]
-                            # The stores issued since this slot's last one: the rest of that step's, the previous
-                            # step's and this step's so far (at most 2·per_step - 1): the one before has read it.
-                            # (Each item starts after a full wait: its output buffer's release.)
-                            plgpu.wait_smem_to_gmem(2 * per_step - 1, wait_read_only=True)
-                            stage[...] = row_max
-                            plgpu.commit_smem()
-                            key_block = lists_ref[it.b, it.mhead, it.qblk, i * per_step + e]
-                            plgpu.copy_smem_to_gmem(stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
+                        else:
+                            for e, row_max in enumerate(halves):  # (an odd count's last entry is a single step)
+                                stage = rm_stage.at[wg, lax.rem(i, jnp.int32(2)), e]
+                                # The stores issued since this slot's last one: the rest of that step's, the
+                                # previous step's and this step's so far (at most 2·per_step - 1): the one before
+                                # has read it. (Each item starts after a full wait: its output buffer's release.)
+                                plgpu.wait_smem_to_gmem(2 * per_step - 1, wait_read_only=True)
+                                stage[...] = row_max
+                                plgpu.commit_smem()
+                                key_block = lists_ref[it.b, it.mhead, it.qblk, i * per_step + e]
+                                plgpu.copy_smem_to_gmem(
+                                    stage, rm_ref.at[it.b, tiles[0][2], key_block, pl.ds(row0, WG_ROWS)])
                 if plan.pingpong:
                     plgpu.barrier_arrive(schedule)  # softmax done
                     plgpu.barrier_wait(v_ready.at[slot])

@@ -443,7 +443,7 @@ def _pool_rowmax(rowmax, lse2, lengths, shape: AttentionShape, tiling: Tiling, b
 
     Causal: the key blocks go in `bands` bands, and a band reads only the query blocks from the first one that
     sees its first key block (the rest of its pooled rows are 0): ~56% of the buffer with 8 bands, not all of it."""
-    b, h, num_k_tiles, t_pad = rowmax.shape
+    b, h, _, t_pad = rowmax.shape
     bs, block_k = shape.block_size, tiling.block_k
     ratio, nqb = bs // block_k, t_pad // bs
     offset = shape.kv_len - shape.q_len
@@ -469,12 +469,11 @@ def _pool_rowmax(rowmax, lse2, lengths, shape: AttentionShape, tiling: Tiling, b
         per = -(-nk // bands)
         parts = []
         for j0 in range(0, nk, per):
-            j1 = min(nk, j0 + per)
-            # the first query block with a row r that sees key block j0: j0·bs <= r + offset
-            r0 = min(nqb, max(0, j0 * bs - offset) // bs)
-            part = band(j0, j1, r0) if r0 < nqb else jnp.zeros((b, h, j1 - j0, 0), jnp.float32)
-            parts.append(jnp.pad(part, ((0, 0), (0, 0), (0, 0), (r0, 0))))
-        pooled = jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+            # the first query block with a row r that sees key block j0: j0·bs <= r + offset (< nqb, as every key
+            # block before nk is seen by the last row: (nk - 1)·bs - offset < T)
+            r0 = max(0, j0 * bs - offset) // bs
+            parts.append(jnp.pad(band(j0, min(nk, j0 + per), r0), ((0, 0), (0, 0), (0, 0), (r0, 0))))
+        pooled = jnp.concatenate(parts, axis=2)
     return jnp.swapaxes(pooled, 2, 3)[:, :, : shape.nq]
 
 
