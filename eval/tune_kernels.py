@@ -28,7 +28,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from seerjax.eval.timing import median_ms, write_json
+from seerjax.eval.timing import device_ms, write_json
 
 HQ, HKV, D, BS = 32, 8, 128, 64
 
@@ -42,7 +42,7 @@ def _inputs(t: int):
 
 def _time(fn, *args) -> float:
     try:
-        return median_ms(fn if hasattr(fn, "lower") else jax.jit(fn), *args, warmup=2, reps=5)
+        return device_ms(fn if hasattr(fn, "lower") else jax.jit(fn), *args, warmup=2, reps=5)
     except Exception as e:  # a launch shape that does not compile (shared memory, registers)
         print(f"  {type(e).__name__}: {str(e)[:160]}", flush=True)
         return float("nan")
@@ -77,7 +77,7 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dic
         q, k, v, shape, interpret=False, tiling=tiling, passes=1)) for tiling in tiles}
     rows = []
     for r in range(rounds):
-        cudnn = median_ms(dense, q, k, v)
+        cudnn = device_ms(dense, q, k, v)
         print(f"round {r}: cuDNN dense: {cudnn:.3f} ms", flush=True)
         for tiling, fn in fns.items():
             ms = _time(fn, q, k, v)
@@ -101,7 +101,7 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dic
             fn = jax.jit(lambda q, k, v, launch=launch: hopper.attention_with_pooling_hopper(
                 q, k, v, shape, launch=launch or {}))
             for r in range(rounds):
-                cudnn = median_ms(dense, q, k, v)
+                cudnn = device_ms(dense, q, k, v)
                 ms = _time(fn, q, k, v)
                 rows.append({"kernel": "pooled (Mosaic GPU)", "launch": key, "round": r, "ms": ms, "cudnn_ms": cudnn,
                              "vs_cudnn": ms / cudnn, "default": False})
@@ -291,9 +291,9 @@ def compare_backward(t: int, densities, plans=None, parts: bool = False) -> list
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
-    cudnn_fwd = median_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+    cudnn_fwd = device_ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")), q, k, v)
-    cudnn_bwd = median_ms(jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2))), q, k, v) - cudnn_fwd
+    cudnn_bwd = device_ms(jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2))), q, k, v) - cudnn_fwd
     print(f"cuDNN dense backward: {cudnn_bwd:.3f} ms", flush=True)
     rows = [{"kernel": "cudnn", "density": 1.0, "ms": cudnn_bwd}]
     for mask_heads, dens in itertools.product((HQ, HKV), densities):

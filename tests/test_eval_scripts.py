@@ -141,3 +141,41 @@ def test_profile_summary_reads_ncu_source_csv(tmp_path, capsys):
     bad.write_text('"a","b"\n"1","2"\n')
     with pytest.raises(SystemExit, match="no table with a 'Source' column"):
         profile_forward.summarize(bad, steps_per_item=1)
+
+
+def test_device_ms_batches_calls_and_refuses_bad_arguments():
+    import time
+
+    import jax.numpy as jnp
+
+    from seerjax.eval.timing import device_ms
+
+    calls = []
+
+    def fast(x):
+        calls.append(1)
+        return x + 1
+
+    x = jnp.ones(4)
+    ms = device_ms(fast, x, warmup=2, reps=3, batch_ms=50.0, max_calls=7)
+    assert len(calls) == 2 + 3 * 7  # warm-up, then 3 batches of max_calls back-to-back calls
+    assert ms > 0
+
+    calls.clear()
+
+    def slow(x):
+        calls.append(1)
+        time.sleep(0.03)
+        return x
+
+    ms = device_ms(slow, x, warmup=1, reps=2, batch_ms=10.0)
+    assert len(calls) == 1 + 2 and ms >= 30.0  # a call longer than a batch: one call per batch
+    for bad in (dict(reps=0), dict(reps=True), dict(warmup=0), dict(batch_ms=0.0), dict(max_calls=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            device_ms(fast, x, **bad)
+
+
+def test_bench_kernels_refuses_zero_reps():
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_kernels.py"), "--reps", "0"], capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert p.returncode == 2 and "--reps must be >= 1, got 0" in p.stderr
