@@ -5,11 +5,12 @@ cuDNN dense forward and forward+backward; `block_sparse_attention` at each densi
 the diagonal, per query head or per KV head) forward and forward+backward; `attention_with_pooling`, its
 one-pass and two-pass kernel paths each (`pooled (1-pass)`, `pooled (2-pass)`) with the Pallas kernel.
 Times are device times after warm-up, on fresh random inputs (`--timing device`, the default): the median over
-`--reps` batches of the mean of calls queued back to back, each batch synchronized once (`timing.device_ms`). The
-host's enqueue and synchronization, ~0.1-0.3 ms per call on the GPU machine, are then spread over a batch instead
-of added to every call; `--timing sync` times single synchronized calls instead (`timing.median_ms`, what this
-script did until the twelfth session), and forward rows always carry that time too (`ms_sync` in the JSON, the
-`sync ms` column). TFLOP/s count the work actually done (visible, selected query-key pairs; backward = 2.5×
+`--reps` rounds of the mean of a batch of calls queued back to back and synchronized once
+(`timing.interleaved_ms`). The host's enqueue and synchronization, ~0.1-0.3 ms per call on the GPU machine, are
+then spread over a batch instead of added to every call. Each round times every call of a length in turn, so a
+slow stretch of the power-capped GPU weighs on cuDNN and the kernels alike. `--timing sync` takes single
+synchronized calls instead (what this script did, one kernel after another, until the twelfth session); forward
+rows always carry that time too (`ms_sync` in the JSON, the `sync ms` column; `rounds`: each round's time). TFLOP/s count the work actually done (visible, selected query-key pairs; backward = 2.5×
 forward).
 
     python eval/bench_kernels.py --lengths 8192,32768,131072 --densities 1.0,0.5,0.1 --json OUT/kernels.json
@@ -25,7 +26,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from seerjax.eval.timing import device_ms, median_ms, write_json
+from seerjax.eval.timing import interleaved_ms, write_json
 
 
 def random_mask(key, b, h, nq, nk, density):
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--timing", default="device", choices=("device", "sync"),
                    help="device: batches of back-to-back calls (timing.device_ms); sync: single synchronized calls")
+    p.add_argument("--dense-implementation", default="cudnn", choices=("cudnn", "xla"),
+                   help="the dense baseline's jax.nn.dot_product_attention implementation (xla: CPU smoke tests)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -108,12 +111,6 @@ def main(argv=None) -> int:
 
     if args.reps < 1:
         p.error(f"--reps must be >= 1, got {args.reps}")
-    timed = device_ms if args.timing == "device" else median_ms
-
-    def fwd_ms(fn, *a):
-        """(the row's time by --timing, the single synchronized call's time)"""
-        ms = timed(fn, *a, reps=args.reps)
-        return ms, (ms if args.timing == "sync" else median_ms(fn, *a, reps=args.reps))
 
     b, hq, hkv, d, bs = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size
     rows = []
@@ -130,47 +127,57 @@ def main(argv=None) -> int:
         dense_pairs = b * hq * t * (t + 1) / 2
         dense_flops = 4 * d * dense_pairs
 
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
-        ms_dense, sync = fwd_ms(cudnn, q, k, v)
-        rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="fwd", ms=ms_dense, ms_sync=sync,
-                         tflops=dense_flops / ms_dense / 1e9))
-        ms_dense_bwd = None
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=args.dense_implementation))
         do_bwd = args.backward and t <= args.backward_max_len
+        # Every call of this length, then timed in interleaved rounds (timing.interleaved_ms).
+        cases, specs = {}, []  # specs: (case, kernel, density, flops, forward case of a backward or None)
+        cases["cudnn"] = (cudnn, (q, k, v))
+        dense_label = f"{args.dense_implementation} dense"
+        specs.append(("cudnn", dense_label, 1.0, dense_flops, None))
         if do_bwd:
             def dense_loss(q, k, v):
                 return jnp.sum(cudnn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
 
-            g = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2)))
-            ms_fb = timed(g, q, k, v, reps=args.reps)
-            ms_dense_bwd = ms_fb - ms_dense
-            rows.append(dict(T=t, kernel="cudnn dense", density=1.0, pass_="bwd", ms=ms_dense_bwd,
-                             tflops=2.5 * dense_flops / ms_dense_bwd / 1e9))
-
+            cases["cudnn+bwd"] = (jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2))), (q, k, v))
+            specs.append(("cudnn+bwd", dense_label, 1.0, dense_flops, "cudnn"))
         for name, pooled in pooled_variants(bs, pooled_impl):
-            ms, sync = fwd_ms(jax.jit(pooled), q, k, v)
-            rows.append(dict(T=t, kernel=name, density=1.0, pass_="fwd", ms=ms, ms_sync=sync,
-                             tflops=dense_flops / ms / 1e9, vs_cudnn=ms / ms_dense))
-
+            cases[name] = (jax.jit(pooled), (q, k, v))
+            specs.append((name, name, 1.0, dense_flops, None))
         for dens in [float(x) for x in args.densities.split(",") if x.strip()]:
             mask = random_mask(km, b, hq if args.mask_heads == "query" else hkv, nq, nq, dens)
-            pairs = visible_pairs(mask, t, t, bs) * (hq // mask.shape[1])
-            flops = 4 * d * pairs
+            flops = 4 * d * visible_pairs(mask, t, t, bs) * (hq // mask.shape[1])
             for impl in impls:
                 label = f"block_sparse ({args.mask_heads} masks)" + (f" [{impl}]" if len(impls) > 1 else "")
-                sparse = jax.jit(functools.partial(_sparse, bs=bs, implementation=impl))
-                ms, sync = fwd_ms(sparse, q, k, v, mask)
-                rows.append(dict(T=t, kernel=label, density=dens, pass_="fwd", ms=ms, ms_sync=sync,
-                                 tflops=flops / ms / 1e9, speedup=ms_dense / ms))
+                fwd = f"{label} {dens}"
+                cases[fwd] = (jax.jit(functools.partial(_sparse, bs=bs, implementation=impl)), (q, k, v, mask))
+                specs.append((fwd, label, dens, flops, None))
                 if do_bwd:
                     def sparse_loss(q, k, v, m, impl=impl):
                         out = _sparse(q, k, v, m, bs=bs, implementation=impl)
                         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
-                    g = jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2)))
-                    ms_fb = timed(g, q, k, v, mask, reps=args.reps)
-                    ms_b = ms_fb - ms
-                    rows.append(dict(T=t, kernel=label, density=dens, pass_="bwd", ms=ms_b,
-                                     tflops=2.5 * flops / ms_b / 1e9, speedup=ms_dense_bwd / ms_b))
+                    cases[fwd + "+bwd"] = (jax.jit(jax.grad(sparse_loss, argnums=(0, 1, 2))), (q, k, v, mask))
+                    specs.append((fwd + "+bwd", label, dens, flops, fwd))
+        timing = interleaved_ms(cases, reps=args.reps)
+        key_ms = "ms" if args.timing == "device" else "ms_sync"
+        dense_ms = {"fwd": timing["cudnn"][key_ms]}
+        if do_bwd:
+            dense_ms["bwd"] = timing["cudnn+bwd"][key_ms] - dense_ms["fwd"]
+        for case, kernel, dens, flops, fwd_case in specs:
+            tm = timing[case]
+            if fwd_case is None:  # a forward: its time, and the synchronized one beside it
+                row = dict(T=t, kernel=kernel, density=dens, pass_="fwd", ms=tm[key_ms], ms_sync=tm["ms_sync"],
+                           rounds=tm["rounds"], tflops=flops / tm[key_ms] / 1e9)
+            else:  # a backward: forward + backward, less the forward
+                ms_b = tm[key_ms] - timing[fwd_case][key_ms]
+                row = dict(T=t, kernel=kernel, density=dens, pass_="bwd", ms=ms_b, tflops=2.5 * flops / ms_b / 1e9)
+            if kernel != dense_label:
+                if dens == 1.0 and row["pass_"] == "fwd" and not kernel.startswith("block_sparse"):
+                    row["vs_cudnn"] = row["ms"] / dense_ms["fwd"]
+                else:
+                    row["speedup"] = dense_ms[row["pass_"]] / row["ms"]
+            rows.append(row)
 
         report(rows, args)  # after each length, so a run cut short keeps what it measured
     return 0

@@ -34,6 +34,40 @@ def pipelined_ms(fn, *args, warmup: int = 3, reps: int = 50) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def _check_batching(reps, warmup, batch_ms, max_calls) -> None:
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup must be an int >= 1 (the last warm-up call sizes the batches), got {warmup!r}")
+    if not batch_ms > 0 or isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
+        raise ValueError(f"batch_ms must be > 0 and max_calls an int >= 1, got batch_ms={batch_ms!r}, "
+                         f"max_calls={max_calls!r}")
+
+
+def _sync_ms(fn, args) -> float:
+    """Milliseconds of one synchronized call."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _batch_size(fn, args, warmup: int, batch_ms: float, max_calls: int) -> int:
+    """Warm up; the last warm-up call's time sizes a batch to about `batch_ms` (1 to `max_calls` calls)."""
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn(*args))
+    return max(1, min(max_calls, int(batch_ms // max(_sync_ms(fn, args), 1e-3))))
+
+
+def _batch_ms(fn, args, calls: int) -> float:
+    """Mean milliseconds per call of `calls` calls queued back to back, synchronized once at the end."""
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def device_ms(fn, *args, warmup: int = 3, reps: int = 10, batch_ms: float = 50.0, max_calls: int = 100) -> float:
     """Device milliseconds of one call of `fn(*args)`: the median over `reps` batches of the mean time of a batch of
     calls queued back to back and synchronized once at its end.
@@ -43,28 +77,42 @@ def device_ms(fn, *args, warmup: int = 3, reps: int = 10, batch_ms: float = 50.0
     GPU machine they take ~0.1-0.3 ms per call, which :func:`median_ms` adds to every call (a 1.4 ms kernel
     measured 1.7 ms there; its `ncu` duration was 1.37 ms). For calls far longer than that the two agree.
     """
-    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
-        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"warmup must be an int >= 1 (the last warm-up call sizes the batches), got {warmup!r}")
-    if not batch_ms > 0 or isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
-        raise ValueError(f"batch_ms must be > 0 and max_calls an int >= 1, got batch_ms={batch_ms!r}, "
-                         f"max_calls={max_calls!r}")
-    for _ in range(warmup - 1):
-        jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = (time.perf_counter() - t0) * 1e3
-    calls = max(1, min(max_calls, int(batch_ms // max(one, 1e-3))))
-    times = []
+    _check_batching(reps, warmup, batch_ms, max_calls)
+    calls = _batch_size(fn, args, warmup, batch_ms, max_calls)
+    return statistics.median(_batch_ms(fn, args, calls) for _ in range(reps))
+
+
+def interleaved_ms(cases: dict, *, reps: int = 5, warmup: int = 3, batch_ms: float = 50.0, max_calls: int = 100,
+                   sync: bool = True) -> dict:
+    """Device and synchronized milliseconds of several calls, timed in interleaved rounds.
+
+    Args:
+      cases: name -> (fn, args). Each is warmed up and its batch sized as in :func:`device_ms`.
+      reps: rounds. Each round times one batch of every case, in the order given (and, with `sync`, one
+        synchronized call of each), so that a slow stretch of the GPU (this one is power-capped: its clocks moved
+        between 1.3 and 2.0 GHz within minutes) weighs on every case alike instead of on whichever ran then.
+
+    Returns:
+      name -> {"ms": median over rounds of the batch means, "ms_sync": median of the synchronized calls (with
+      `sync`), "rounds": each round's batch mean, "calls": calls per batch}.
+    """
+    _check_batching(reps, warmup, batch_ms, max_calls)
+    if not cases:
+        raise ValueError("cases is empty: nothing to time")
+    calls = {name: _batch_size(fn, args, warmup, batch_ms, max_calls) for name, (fn, args) in cases.items()}
+    rounds = {name: [] for name in cases}
+    syncs = {name: [] for name in cases}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) * 1e3 / calls)
-    return statistics.median(times)
+        for name, (fn, args) in cases.items():
+            rounds[name].append(_batch_ms(fn, args, calls[name]))
+            if sync:
+                syncs[name].append(_sync_ms(fn, args))
+    out = {}
+    for name in cases:
+        out[name] = {"ms": statistics.median(rounds[name]), "rounds": rounds[name], "calls": calls[name]}
+        if sync:
+            out[name]["ms_sync"] = statistics.median(syncs[name])
+    return out
 
 
 def write_json(path: str | None, args, rows: list) -> None:

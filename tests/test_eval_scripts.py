@@ -179,3 +179,50 @@ def test_bench_kernels_refuses_zero_reps():
     p = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_kernels.py"), "--reps", "0"], capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert p.returncode == 2 and "--reps must be >= 1, got 0" in p.stderr
+
+
+def test_interleaved_ms_times_every_case_each_round():
+    import jax.numpy as jnp
+
+    from seerjax.eval.timing import interleaved_ms
+
+    order = []
+
+    def case(name):
+        def fn(x):
+            order.append(name)
+            return x + 1
+        return fn
+
+    x = jnp.ones(4)
+    out = interleaved_ms({"a": (case("a"), (x,)), "b": (case("b"), (x,))}, reps=3, warmup=1, batch_ms=50.0,
+                         max_calls=2)
+    assert set(out) == {"a", "b"}
+    for r in out.values():
+        assert r["calls"] == 2 and len(r["rounds"]) == 3 and r["ms"] > 0 and r["ms_sync"] > 0
+    # warm-up (1 call each), then per round: a's batch of 2 and one synchronized call, then b's
+    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    with pytest.raises(ValueError, match="cases is empty"):
+        interleaved_ms({})
+    with pytest.raises(ValueError, match="reps must be an int >= 1, got 0"):
+        interleaved_ms({"a": (case("a"), (x,))}, reps=0)
+
+
+def test_bench_kernels_runs_on_cpu(tmp_path):
+    """The whole benchmark loop at a tiny size: interpret-mode kernels, XLA dense attention as the baseline."""
+    out = tmp_path / "kernels.json"
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_kernels.py"), "--lengths", "256", "--densities",
+                        "1.0,0.5", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "64", "--mask-heads", "kv",
+                        "--implementation", "pallas_interpret", "--dense-implementation", "xla", "--reps", "2",
+                        "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert data["args"]["timing"] == "device"
+    rows = {(r["kernel"], r["density"], r["pass_"]): r for r in data["rows"]}
+    assert ("xla dense", 1.0, "fwd") in rows and ("xla dense", 1.0, "bwd") in rows
+    for dens in (1.0, 0.5):
+        fwd = rows[("block_sparse (kv masks)", dens, "fwd")]
+        assert fwd["ms"] > 0 and fwd["ms_sync"] > 0 and len(fwd["rounds"]) == 2 and fwd["speedup"] > 0
+        assert rows[("block_sparse (kv masks)", dens, "bwd")]["tflops"] > 0
+    assert rows[("pooled (1-pass)", 1.0, "fwd")]["vs_cudnn"] > 0
+    assert "| 256 | block_sparse (kv masks) | 0.5 | fwd |" in p.stdout
