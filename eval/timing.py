@@ -88,9 +88,10 @@ def interleaved_ms(cases: dict, *, reps: int = 5, warmup: int = 3, batch_ms: flo
 
     Args:
       cases: name -> (fn, args). Each is warmed up and its batch sized as in :func:`device_ms`.
-      reps: rounds. Each round times one batch of every case, in the order given (and, with `sync`, one
-        synchronized call of each), so that a slow stretch of the GPU (this one is power-capped: its clocks moved
-        between 1.3 and 2.0 GHz within minutes) weighs on every case alike instead of on whichever ran then.
+      reps: rounds. Each round times one batch of every case (and, with `sync`, one synchronized call of each),
+        so that a slow stretch of the GPU (this one is power-capped: its clocks moved between 1.3 and 2.0 GHz
+        within minutes) weighs on every case alike instead of on whichever ran then. Round r starts at the r-th
+        case and wraps around, so no case always follows the same (say, a heavy) one.
 
     Returns:
       name -> {"ms": median over rounds of the batch means, "ms_sync": median of the synchronized calls (with
@@ -102,8 +103,10 @@ def interleaved_ms(cases: dict, *, reps: int = 5, warmup: int = 3, batch_ms: flo
     calls = {name: _batch_size(fn, args, warmup, batch_ms, max_calls) for name, (fn, args) in cases.items()}
     rounds = {name: [] for name in cases}
     syncs = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, (fn, args) in cases.items():
+    names = list(cases)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, args = cases[name]
             rounds[name].append(_batch_ms(fn, args, calls[name]))
             if sync:
                 syncs[name].append(_sync_ms(fn, args))

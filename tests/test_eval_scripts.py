@@ -157,7 +157,7 @@ def test_device_ms_batches_calls_and_refuses_bad_arguments():
         return x + 1
 
     x = jnp.ones(4)
-    ms = device_ms(fast, x, warmup=2, reps=3, batch_ms=50.0, max_calls=7)
+    ms = device_ms(fast, x, warmup=2, reps=3, batch_ms=1000.0, max_calls=7)
     assert len(calls) == 2 + 3 * 7  # warm-up, then 3 batches of max_calls back-to-back calls
     assert ms > 0
 
@@ -195,13 +195,14 @@ def test_interleaved_ms_times_every_case_each_round():
         return fn
 
     x = jnp.ones(4)
-    out = interleaved_ms({"a": (case("a"), (x,)), "b": (case("b"), (x,))}, reps=3, warmup=1, batch_ms=50.0,
+    # warmup=2: the first call compiles, the second sizes the batch (max_calls unless a call took 500 ms)
+    out = interleaved_ms({"a": (case("a"), (x,)), "b": (case("b"), (x,))}, reps=3, warmup=2, batch_ms=1000.0,
                          max_calls=2)
     assert set(out) == {"a", "b"}
     for r in out.values():
         assert r["calls"] == 2 and len(r["rounds"]) == 3 and r["ms"] > 0 and r["ms_sync"] > 0
-    # warm-up (1 call each), then per round: a's batch of 2 and one synchronized call, then b's
-    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    # warm-up (2 calls each), then per round a batch of 2 and one synchronized call of each, round r from case r on
+    assert order == ["a", "a", "b", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3
     with pytest.raises(ValueError, match="cases is empty"):
         interleaved_ms({})
     with pytest.raises(ValueError, match="reps must be an int >= 1, got 0"):

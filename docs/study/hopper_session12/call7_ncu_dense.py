@@ -1,5 +1,5 @@
 """Throwaway: cuDNN, our dense and our density-0.1 forward at 32k, each called 4 times, for ncu kernel durations."""
-import sys, functools
+import functools
 import jax, jax.numpy as jnp
 from seerjax.eval.bench_kernels import random_mask, _sparse
 t = 32768
