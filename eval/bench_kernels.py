@@ -6,12 +6,13 @@ the diagonal, per query head or per KV head) forward and forward+backward; `atte
 one-pass and two-pass kernel paths each (`pooled (1-pass)`, `pooled (2-pass)`) with the Pallas kernel.
 Times are device times after warm-up, on fresh random inputs (`--timing device`, the default): the median over
 `--reps` rounds of the mean of a batch of calls queued back to back and synchronized once
-(`timing.interleaved_ms`). The host's enqueue and synchronization, ~0.1-0.3 ms per call on the GPU machine, are
-then spread over a batch instead of added to every call. Each round times every call of a length in turn, so a
-slow stretch of the power-capped GPU weighs on cuDNN and the kernels alike. `--timing sync` takes single
-synchronized calls instead (what this script did, one kernel after another, until the twelfth session); forward
-rows always carry that time too (`ms_sync` in the JSON, the `sync ms` column; `rounds`: each round's time). TFLOP/s count the work actually done (visible, selected query-key pairs; backward = 2.5×
-forward).
+(`timing.interleaved_ms`). The host's enqueue and synchronization, 0.3 ms or more per call on the GPU machine, are
+then spread over a batch instead of added to every call. Each round times every call of a length, starting one
+call further on each round, so a slow stretch of the power-capped GPU weighs on cuDNN and the kernels alike.
+`--timing sync` takes single synchronized calls instead (what this script did, one kernel after another, until
+the twelfth session); forward rows always carry that time too (`ms_sync` in the JSON, the `sync ms` column;
+`rounds`: each round's device time). TFLOP/s count the work actually done (visible, selected query-key pairs;
+backward = 2.5× forward).
 
     python eval/bench_kernels.py --lengths 8192,32768,131072 --densities 1.0,0.5,0.1 --json OUT/kernels.json
 """
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--backward-max-len", type=int, default=32768, help="skip backward above this length")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--timing", default="device", choices=("device", "sync"),
-                   help="device: batches of back-to-back calls (timing.device_ms); sync: single synchronized calls")
+                   help="device: batches of back-to-back calls, interleaved rounds (timing.interleaved_ms); sync: the "
+                        "median of single synchronized calls in the same rounds")
     p.add_argument("--dense-implementation", default="cudnn", choices=("cudnn", "xla"),
                    help="the dense baseline's jax.nn.dot_product_attention implementation (xla: CPU smoke tests)")
     p.add_argument("--json", default=None)

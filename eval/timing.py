@@ -74,8 +74,9 @@ def device_ms(fn, *args, warmup: int = 3, reps: int = 10, batch_ms: float = 50.0
 
     A batch holds enough calls to last about `batch_ms` (at most `max_calls`; one call where a single call is
     longer), so the host's enqueue and synchronization, paid once per batch, are spread over its calls: on the
-    GPU machine they take ~0.1-0.3 ms per call, which :func:`median_ms` adds to every call (a 1.4 ms kernel
-    measured 1.7 ms there; its `ncu` duration was 1.37 ms). For calls far longer than that the two agree.
+    GPU machine they take 0.3 ms or more per call, which :func:`median_ms` adds to every call (a kernel whose `ncu`
+    duration was 1.37-1.39 ms measured 1.7-2.2 ms there, and 1.55-1.60 ms this way). For calls far longer than
+    that the two agree.
     """
     _check_batching(reps, warmup, batch_ms, max_calls)
     calls = _batch_size(fn, args, warmup, batch_ms, max_calls)
