@@ -26,12 +26,7 @@ def pipelined_ms(fn, *args, warmup: int = 3, reps: int = 50) -> float:
     the device's work instead of adding to each call, as they do in :func:`median_ms`."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(reps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) * 1e3 / reps
+    return _batch_ms(fn, args, reps)
 
 
 def _check_batching(reps, warmup, batch_ms, max_calls) -> None:
