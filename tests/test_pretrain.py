@@ -64,6 +64,40 @@ def test_pretrain_tiny_resumes_and_exports_a_loadable_byte_model(tmp_path):
     np.testing.assert_allclose(np.asarray(again(jnp.asarray([[97, 98, 99]]))), np.asarray(logits), atol=0.1)
 
 
+def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path):
+    """--init-model: a pretrain at a longer length continues from one at a shorter length (lr 0 keeps the
+    parameters exactly), and a model of another architecture, or no model, is refused by name."""
+    import jax
+
+    import seerjax
+    from seerjax.errors import MissingFileError
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(97, 105, size=300).astype(np.int32) for _ in range(40)]
+    base = dict(preset="tiny", steps=2, batch=2, warmup=1, retrieval_docs=0, dtype="float32", progress=False)
+    short = pretrain(PretrainSettings(out=str(tmp_path / "short"), seq_len=32, **base), docs=docs)
+    longer = pretrain(PretrainSettings(out=str(tmp_path / "long"), seq_len=96, lr=0.0, init_model=short["model"],
+                                       **base), docs=docs)
+    a = seerjax.from_pretrained(short["model"], dtype="float32")
+    b = seerjax.from_pretrained(longer["model"], dtype="float32")
+    assert b.config.max_position_embeddings == a.config.max_position_embeddings  # max(seq_len, 2048) both
+    from flax import nnx
+
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    fresh = pretrain(PretrainSettings(out=str(tmp_path / "fresh"), seq_len=96, lr=0.0, **base), docs=docs)
+    c = seerjax.from_pretrained(fresh["model"], dtype="float32")
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                   zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(c, nnx.Param))))
+
+    with pytest.raises(PretrainError, match="hidden_size: 64 there, 128 here"):
+        pretrain(PretrainSettings(out=str(tmp_path / "mini"), **{**base, "preset": "mini"}, seq_len=32,
+                                  init_model=short["model"]), docs=docs)
+    with pytest.raises(MissingFileError, match="--init-model .*nowhere: no config.json there"):
+        pretrain(PretrainSettings(out=str(tmp_path / "x"), seq_len=32, init_model=str(tmp_path / "nowhere"), **base),
+                 docs=docs)
+
+
 def test_bad_pretrain_settings():
     with pytest.raises(PretrainError, match="preset"):
         PretrainSettings(out="x", preset="huge")

@@ -51,6 +51,7 @@ class PretrainSettings:
     rope_theta: float = 10000.0
     attention: str | None = None
     progress: bool = True
+    init_model: str | None = None
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -102,7 +103,9 @@ def default_attention(dtype) -> str:
 
 
 def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
-    """Trains (or resumes) the base model; exports it to `OUT/model`. Returns a summary dict.
+    """Trains (or resumes) the base model; exports it to `OUT/model`. Returns a summary dict. With `init_model`
+    the parameters start from that model (same architecture; any length) instead of a random draw; a
+    checkpoint in `OUT` still takes precedence (resume).
 
     `docs` (stream documents) and `whole` (documents each kept whole in one sequence) replace the
     training documents of `s` when given."""
@@ -116,6 +119,8 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
     cfg = model_config(s)
     attention = s.attention or default_attention(s.dtype)
     model = LlamaModel(cfg, dtype=s.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(s.seed))
+    if s.init_model:  # continue from a model of the same architecture (e.g. one pretrained at a shorter length)
+        nnx.update(model, nnx.state(_init_model(s.init_model, cfg), nnx.Param))
     if docs is None:
         docs, whole = training_documents(s)
     data = PackedSequences(docs, s.seq_len + 1, ByteTokenizer.eos_token_id, seed=s.seed, whole=list(whole or []))
@@ -179,6 +184,29 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
     _mark_byte_level(export)
     return {"model": export, "steps": s.steps, "final_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - t_start, "params": sum(x.size for x in jax.tree.leaves(params))}
+
+
+# The fields a starting model (--init-model) must share with the preset; the length may differ.
+_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "rope", "attention_bias", "attention_out_bias", "qk_norm",
+                "tie_word_embeddings", "hidden_act")
+
+
+def _init_model(path: str, cfg: ModelConfig):
+    """The model at `path` (HF format) in float32, refused by name unless its architecture is `cfg`'s."""
+    from seerjax.errors import MissingFileError
+    from seerjax.hf import CONFIG_FILE, from_pretrained
+
+    config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise MissingFileError(f"--init-model {path}: no {CONFIG_FILE} there (expected a model directory, e.g. "
+                               f"OUT/model of an earlier pretrain)")
+    other = ModelConfig.from_json(config_path)
+    diff = [f"{f}: {getattr(other, f)!r} there, {getattr(cfg, f)!r} here" for f in _ARCH_FIELDS
+            if getattr(other, f) != getattr(cfg, f)]
+    if diff:
+        raise PretrainError(f"--init-model {path} does not match this preset's architecture: " + "; ".join(diff))
+    return from_pretrained(path, dtype="float32", max_position_embeddings=cfg.max_position_embeddings)
 
 
 def _mark_byte_level(model_dir: str) -> None:

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype; parameters and optimizer state stay float32")
     p.add_argument("--retrieval-docs", type=int, default=2000, help="synthetic passkey / key-value documents mixed in")
     p.add_argument("--attention", default=None, help="attention function (default: cudnn on GPU, reference on CPU)")
+    p.add_argument("--init-model", default=None,
+                   help="start from this model (HF directory of the same preset, e.g. OUT/model of a pretrain at a "
+                        "shorter length) instead of random parameters; the optimizer and schedule start fresh")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -29,6 +32,7 @@ def run(args) -> int:
         out=args.out, preset=args.preset, data=args.data, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=args.warmup, save_every=args.save_every, seed=args.seed, dtype=args.dtype,
         retrieval_docs=args.retrieval_docs, attention=args.attention, progress=not args.no_progress,
+        init_model=args.init_model,
     )
     summary = pretrain(s)
     print(f"pretrained {summary['params']:,} parameters for {summary['steps']} steps in {summary['seconds']:.0f} s, "
