@@ -119,7 +119,10 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
     cfg = model_config(s)
     attention = s.attention or default_attention(s.dtype)
     model = LlamaModel(cfg, dtype=s.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(s.seed))
-    if s.init_model:  # continue from a model of the same architecture (e.g. one pretrained at a shorter length)
+    os.makedirs(s.out, exist_ok=True)
+    manager = checkpoint_manager(s.out)
+    if s.init_model and manager.latest_step() is None:  # (a resume restores its checkpoint instead)
+        # continue from a model of the same architecture (e.g. one pretrained at a shorter length)
         nnx.update(model, nnx.state(_init_model(s.init_model, cfg), nnx.Param))
     if docs is None:
         docs, whole = training_documents(s)
@@ -138,8 +141,6 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    os.makedirs(s.out, exist_ok=True)
-    manager = checkpoint_manager(s.out)
     start = 0
     if manager.latest_step() is not None:
         restored = manager.restore(
