@@ -11,6 +11,8 @@
 #
 # Sizes come from the environment (defaults: the study recipe on one H100, docs/results.md: 56,000-step gates
 # with d_gate 128 and q pooled by average and max, about 4.5 minutes alone per kind of gate); the CPU test runs it tiny.
+# The 16k study's base model (docs/results.md, thirteenth session; 405 s of steps on one H100):
+#   SEQ=16384 STAGE1=8192:2800:8:2e-3 PRETRAIN_STEPS=1500 PRETRAIN_BATCH=4 PRETRAIN_LR=1e-3 bash eval/study.sh pretrain OUT
 set -euo pipefail
 stage=${1:?usage: study.sh all|train|pretrain|distill|eval OUT}
 out=${2:?usage: study.sh all|train|pretrain|distill|eval OUT}
@@ -19,6 +21,8 @@ SEQ=${SEQ:-8192}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-5400}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
 PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
+ROPE_THETA=${ROPE_THETA:-10000}  # 500000 was tried at 16k and set retrieval back (docs/results.md, thirteenth session)
+STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a shorter length (the 16k study: 8192:2800:8:2e-3)
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
 DISTILL_STEPS=${DISTILL_STEPS:-56000}
 DISTILL_LR=${DISTILL_LR:-1e-3}
@@ -39,10 +43,24 @@ PARALLEL=${PARALLEL:-0}  # 1: the two distillations, and the evaluation's method
 MODEL=${MODEL:-$out/base/model}  # the base model distill and eval use (e.g. a carried bf16 copy)
 
 if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
+  pretrain_args=(--preset "$PRESET" --rope-theta "$ROPE_THETA" --retrieval-docs "$RETRIEVAL_DOCS" --save-every 200 --no-progress
+                 $(echo "$EXTRA" | sed 's/--implementation [^ ]*//'))
+  init=()
+  if [[ -n $STAGE1 ]]; then  # a first stage at a shorter length; the main stage starts from its model
+    IFS=: read -r s1_seq s1_steps s1_batch s1_lr <<< "$STAGE1"
+    if [[ -z $s1_seq || -z $s1_steps || -z $s1_batch || -z $s1_lr ]]; then
+      echo "STAGE1 must be SEQ:STEPS:BATCH:LR (e.g. 8192:2800:8:2e-3), got '$STAGE1'" >&2
+      exit 2
+    fi
+    echo "== pretrain stage 1 ($PRESET, $s1_seq tokens, $s1_steps steps) $(date -u +%T)"
+    $SJ pretrain --out "$out/base_stage1" --seq-len "$s1_seq" --steps "$s1_steps" --batch "$s1_batch" --lr "$s1_lr" \
+      "${pretrain_args[@]}"
+    tail -n 1 "$out/base_stage1/metrics.jsonl"
+    init=(--init-model "$out/base_stage1/model")
+  fi
   echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
-  $SJ pretrain --out "$out/base" --preset "$PRESET" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" \
-    --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" --retrieval-docs "$RETRIEVAL_DOCS" --save-every 200 --no-progress \
-    $(echo "$EXTRA" | sed 's/--implementation [^ ]*//')
+  $SJ pretrain --out "$out/base" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" \
+    "${pretrain_args[@]}" "${init[@]}"
   tail -n 1 "$out/base/metrics.jsonl"
 fi
 if [[ $PARALLEL == 1 ]]; then

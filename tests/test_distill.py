@@ -158,6 +158,17 @@ def test_kill_9_then_resume_gives_bit_identical_gates(tmp_path):
     cut_steps = [json.loads(x) for x in open(metrics)]
     assert [x["step"] for x in cut_steps] == list(range(1, 17))
     assert [x["loss"] for x in cut_steps] == [x["loss"] for x in ref_steps]
+    # Run again when finished: nothing left to train, the same gates written again; fewer steps than the
+    # checkpoint holds are refused by name.
+    done = _cli(common + ["--out", str(cut_dir)])
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0 and "is already at step 16" in out, out
+    for k, v in load_file(str(cut_dir / "gates.safetensors")).items():
+        np.testing.assert_array_equal(a[k], v)
+    fewer = _cli([*common[:common.index("--steps")], "--steps", "12", *common[common.index("--steps") + 2:],
+                  "--out", str(cut_dir)])
+    out, _ = fewer.communicate(timeout=600)
+    assert fewer.returncode != 0 and "is at step 16, past steps=12" in out, out
 
 
 def test_gates_from_distillation_load_into_a_fresh_model(tmp_path):

@@ -227,3 +227,34 @@ def test_bench_kernels_runs_on_cpu(tmp_path):
         assert rows[("block_sparse (kv masks)", dens, "bwd")]["tflops"] > 0
     assert rows[("pooled (1-pass)", 1.0, "fwd")]["vs_cudnn"] > 0
     assert "| 256 | block_sparse (kv masks) | 0.5 | fwd |" in p.stdout
+
+
+def test_study_pretrain_stages_pass_their_settings(tmp_path):
+    """eval/study.sh with STAGE1: a first pretrain at the shorter length, then the main one from its model, each
+    with its own length, steps, batch and lr and the shared preset and rope theta (a stub stands in for seerjax)."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "sj"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f"echo \"$*\" >> {log}\n"
+        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '{}' > \"$2/metrics.jsonl\"; shift; done\n"
+    )
+    stub.chmod(0o755)
+    env = dict(ENV, SEERJAX=str(stub), SEQ="16384", STAGE1="8192:2800:8:2e-3", PRETRAIN_STEPS="1500",
+               PRETRAIN_BATCH="4", PRETRAIN_LR="1e-3", ROPE_THETA="20000", PRESET="tiny")
+    p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "pretrain", str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    first, main = log.read_text().splitlines()
+    out = tmp_path / "out"
+    assert f"--out {out}/base_stage1 --seq-len 8192 --steps 2800 --batch 8 --lr 2e-3" in first
+    assert f"--out {out}/base --seq-len 16384 --steps 1500 --batch 4 --lr 1e-3" in main
+    assert main.endswith(f"--init-model {out}/base_stage1/model") and "--init-model" not in first
+    assert all("--preset tiny --rope-theta 20000" in c for c in (first, main))
+
+    log.unlink()
+    env["STAGE1"] = "8192:2800"
+    p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "pretrain", str(tmp_path / "bad")], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "STAGE1 must be SEQ:STEPS:BATCH:LR" in p.stderr and "'8192:2800'" in p.stderr
+    assert not log.exists()

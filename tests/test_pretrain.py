@@ -103,6 +103,19 @@ def test_bad_pretrain_settings():
         PretrainSettings(out="x", preset="huge")
     with pytest.raises(PretrainError, match="steps"):
         PretrainSettings(out="x", steps=0)
+    for theta in (0.5, float("nan"), "1e4"):
+        with pytest.raises(PretrainError, match="rope_theta must be a finite number > 1"):
+            PretrainSettings(out="x", rope_theta=theta)
+
+
+def test_pretrain_rope_theta_reaches_the_model_config():
+    from seerjax.cli import build_parser
+    from seerjax.train.pretrain import model_config
+
+    args = build_parser()[0].parse_args(["pretrain", "--out", "x", "--rope-theta", "500000"])
+    assert args.rope_theta == 500000.0
+    assert model_config(PretrainSettings(out="x", rope_theta=args.rope_theta)).rope.theta == 500000.0
+    assert model_config(PretrainSettings(out="x")).rope.theta == 10000.0
 
 
 def test_a_prepared_corpus_travels_through_seerjax_corpus(tmp_path, monkeypatch):

@@ -236,6 +236,11 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
                 "use another --out or the same settings"
             )
         start = int(meta["step"])
+        if start > s.steps:
+            raise DistillError(
+                f"the checkpoint in {s.out} is at step {start}, past steps={s.steps}; ask for at least {start} steps "
+                f"(exactly {start} exports its gates without training) or use another --out"
+            )
     metrics_path = os.path.join(s.out, METRICS_FILE)
     rewrite_metrics(metrics_path, start)
 

@@ -59,6 +59,8 @@ class PretrainSettings:
         for name in ("seq_len", "steps", "batch", "save_every"):
             if getattr(self, name) < 1:
                 raise PretrainError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (isinstance(self.rope_theta, (int, float)) and np.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise PretrainError(f"rope_theta must be a finite number > 1, got {self.rope_theta!r}")
         if self.seq_len < 16:
             raise PretrainError(f"seq_len must be at least 16, got {self.seq_len}")
 

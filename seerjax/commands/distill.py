@@ -71,5 +71,9 @@ def run(args) -> int:
     from seerjax.train.distill import distill
 
     result = distill(settings_from_args(args))
-    print(f"distilled gates for {result.steps} steps, final loss {result.final_loss:.5f}; wrote {result.out}/gates.safetensors")
+    if result.losses:
+        print(f"distilled gates for {result.steps} steps, final loss {result.final_loss:.5f}; "
+              f"wrote {result.out}/gates.safetensors")
+    else:  # resumed from a checkpoint already at the last step: nothing left to train
+        print(f"the checkpoint in {result.out} is already at step {result.steps}; wrote {result.out}/gates.safetensors")
     return 0
