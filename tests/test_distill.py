@@ -267,3 +267,45 @@ def test_cli_flags_map_onto_settings_and_a_bad_skip_fraction_is_named():
     assert s.skip_fraction == 0.0 and s.init_gates == "g"
     with pytest.raises(DistillError, match=r"skip_fraction must be in \[0, 1\), got 1.0"):
         settings_from_args(p.parse_args(base + ["--skip-fraction", "1.0"]))
+
+
+def test_a_nan_loss_stops_distillation_before_its_step_is_saved(tmp_path, monkeypatch):
+    """Losses are read one step late (LaggedSteps), but a step's loss is checked before its checkpoint: a NaN at
+    step 2 raises by name, and the checkpoint and metrics stop at step 1."""
+    import seerjax.train.distill as distill_module
+    from seerjax.train.checkpoints import checkpoint_manager
+
+    make = distill_module.make_train_step
+
+    def make_nan_at_step_2(*args):
+        step_fn, calls = make(*args), []
+
+        def wrapped(gates, opt_state, frozen, tokens):
+            calls.append(1)
+            gates, opt_state, loss = step_fn(gates, opt_state, frozen, tokens)
+            return gates, opt_state, loss * (jnp.nan if len(calls) == 2 else 1.0)
+
+        return wrapped
+
+    monkeypatch.setattr(distill_module, "make_train_step", make_nan_at_step_2)
+    data = PackedSequences(random_docs(), 128, 256, seed=0)
+    with pytest.raises(DistillError, match="distillation loss became nan at step 2"):
+        distill(settings(tmp_path, steps=4, save_every=1), model=peaky_model(), data=data)
+    assert checkpoint_manager(str(tmp_path)).latest_step() == 1
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_lagged_steps_hand_on_each_step_once_in_order_one_step_late():
+    from seerjax.train.steps import LaggedSteps
+
+    seen = []
+    lagged = LaggedSteps(lambda done, loss, seconds: seen.append((done, loss, seconds >= 0)))
+    lagged.push(1, jnp.float32(0.5))
+    assert seen == []  # step 1 waits for step 2's dispatch
+    lagged.push(2, jnp.float32(0.25))
+    assert seen == [(1, 0.5, True)]
+    lagged.flush()
+    lagged.flush()  # nothing pending: no second call
+    lagged.push(3, np.float32(2.0))
+    lagged.flush()
+    assert seen == [(1, 0.5, True), (2, 0.25, True), (3, 2.0, True)]

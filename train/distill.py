@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from flax import nnx
 
 from seerjax.gate import GateConfig, GateParam, gate_kl_loss, gate_targets
 from seerjax.train.checkpoints import METRICS_FILE, checkpoint_manager, rewrite_metrics
+from seerjax.train.steps import LaggedSteps
 
 
 
@@ -252,22 +252,28 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
 
         bar = tqdm(total=s.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
     with open(metrics_path, "a") as metrics:
+
+        def on_step(done, loss, dt):
+            if not np.isfinite(loss):
+                raise DistillError(f"distillation loss became {loss} at step {done}; lower --lr or check the data")
+            losses.append(loss)
+            record = {"step": done, "loss": loss, "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                bar.update(1)
+
+        lagged = LaggedSteps(on_step)  # step k's loss is read after step k + 1 is dispatched
         for step in range(start, s.steps):
             position = step * s.batch * s.grad_accum
             tokens = data.batch(position, s.batch * s.grad_accum).reshape(s.grad_accum, s.batch, s.seq_len)
             tokens = jnp.asarray(tokens) if mesh is None else shd.put_batch(tokens, mesh, batch_dim=1)
-            t0 = time.perf_counter()
             gates, opt_state, loss = step_fn(gates, opt_state, frozen, tokens)
-            loss = float(loss)
-            dt = time.perf_counter() - t0
-            if not np.isfinite(loss):
-                raise DistillError(f"distillation loss became {loss} at step {step + 1}; lower --lr or check the data")
-            losses.append(loss)
-            record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens_per_step / dt, "step_s": dt}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
             done = step + 1
+            lagged.push(done, loss)
             if done % s.save_every == 0 or done == s.steps:
+                lagged.flush()  # checked and logged before it is saved
                 meta = {"step": done, "data_position": done * s.batch * s.grad_accum, "gate_config": gate_config.to_dict()}
                 manager.save(
                     done,
@@ -278,9 +284,7 @@ def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:
                     ),
                     force=True,
                 )
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                bar.update(1)
+        lagged.flush()
     if bar is not None:
         bar.close()
     manager.wait_until_finished()

@@ -117,6 +117,7 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
     from seerjax.train.checkpoints import METRICS_FILE, checkpoint_manager, rewrite_metrics
     from seerjax.model import LlamaModel
     from seerjax.train.data import ByteTokenizer, PackedSequences
+    from seerjax.train.steps import LaggedSteps
 
     cfg = model_config(s)
     attention = s.attention or default_attention(s.dtype)
@@ -160,24 +161,28 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
     metrics_path = os.path.join(s.out, METRICS_FILE)
     rewrite_metrics(metrics_path, start)
     with open(metrics_path, "a") as metrics:
+
+        def on_step(done, loss, dt):
+            losses.append(loss)
+            metrics.write(json.dumps({"step": done, "loss": loss, "tokens_per_s": s.batch * s.seq_len / dt}) + "\n")
+            metrics.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", bits_per_byte=f"{loss / np.log(2):.3f}")
+                bar.update(1)
+
+        lagged = LaggedSteps(on_step)  # step k's loss is read after step k + 1 is dispatched
         for i in range(start, s.steps):
             tokens = jnp.asarray(data.batch(i * s.batch, s.batch))
-            t0 = time.perf_counter()
             params, opt_state, loss = step(params, opt_state, tokens)
-            loss = float(loss)
-            dt = time.perf_counter() - t0
-            losses.append(loss)
-            metrics.write(json.dumps({"step": i + 1, "loss": loss, "tokens_per_s": s.batch * s.seq_len / dt}) + "\n")
-            metrics.flush()
+            lagged.push(i + 1, loss)
             if (i + 1) % s.save_every == 0 or i + 1 == s.steps:
+                lagged.flush()  # logged before it is saved
                 manager.save(
                     i + 1,
                     args=ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
                     force=True,
                 )
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", bits_per_byte=f"{loss / np.log(2):.3f}")
-                bar.update(1)
+        lagged.flush()
     if bar is not None:
         bar.close()
     manager.close()
