@@ -44,7 +44,7 @@ class EvalSettings:
     methods: tuple[str, ...] = ("seer", "oracle", "streaming", "vertical_slash", "quest", "moba")
     thresholds: tuple[float, ...] = ()
     keep_first: bool = False  # every sparse method also keeps the first key block (the attention sink)
-    dense_last_rows: int = 0  # ... and attends densely in the last this many query blocks
+    dense_last_rows: int = 0  # ... and attends densely in the last this many query blocks (within the budget)
     budget: str = "uniform"  # how TopK spreads each density over the query rows (seerjax.selection.BUDGETS)
     num_sequences: int = 8
     batch: int = 1

@@ -9,7 +9,8 @@ the visible blocks (floored). By default (`budget="uniform"`) every row gets `k`
 and the last rows one more; `budget="proportional"` gives each row about `density` of what it sees. So
 the achieved density is the target, not the seed's `int((1 - sqrt(1 - density)) · nq)` per row, which
 floors away up to a row's share (0.092 instead of 0.1 at 128 blocks, 0.06 at 32). The diagonal block and,
-with `keep_first`, the sink block count toward a row's budget.
+with `keep_first`, the sink block count toward a row's budget; with `dense_last_rows`, the dense rows' blocks
+count toward the total, and the other rows share what is left.
 
 Score sources, all ending in the same TopK so methods compare at matched density:
   * ``seer``: the AttnGate's logits; * ``oracle``: the true block max-pooled attention map;
@@ -103,13 +104,20 @@ def row_budgets(density: float, nq: int, nk: int, causal: bool = True) -> tuple[
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise SelectionError(f"density must be in (0, 1], got {density!r}")
-    seen = _seen_per_row(nq, nk, causal).tolist()
-    target = max(nq, int(math.floor(density * sum(seen) + 1e-9)))
+    seen = _seen_per_row(nq, nk, causal)
+    return _uniform_budgets(seen, max(nq, int(math.floor(density * int(seen.sum()) + 1e-9))))
+
+
+def _uniform_budgets(seen: np.ndarray, target: int) -> tuple[int, int]:
+    """`(k, r)` such that rows keeping min(k, seen) blocks, the last r of them one more, add up to `target`
+    (at least one block per row). `seen` grows along the rows."""
+    seen = seen.tolist()
+    target = max(len(seen), target)
 
     def kept(k):
         return sum(min(k, v) for v in seen)
 
-    lo, hi = 1, nk  # the largest k with kept(k) <= target
+    lo, hi = 1, max(seen)  # the largest k with kept(k) <= target
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if kept(mid) <= target:
@@ -117,11 +125,9 @@ def row_budgets(density: float, nq: int, nk: int, causal: bool = True) -> tuple[
         else:
             hi = mid - 1
     k = lo
-    r = target - kept(k)
-    if r:
-        # Rows seeing more than k blocks are the last ones (v_i grows with i), and there are more than r of
-        # them, else k + 1 would fit the target.
-        assert sum(v > k for v in seen) > r, (density, nq, nk, k, r)
+    r = min(target - kept(k), sum(v > k for v in seen))
+    # Rows seeing more than k blocks are the last ones (v_i grows with i), and there are more than r of them
+    # unless every row keeps all it sees (target >= every visible block).
     return k, r
 
 
@@ -136,10 +142,13 @@ def proportional_budgets(density: float, nq: int, nk: int, causal: bool = True) 
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise SelectionError(f"density must be in (0, 1], got {density!r}")
-    seen = _seen_per_row(nq, nk, causal)
+    return _proportional_budgets(density, _seen_per_row(nq, nk, causal))
+
+
+def _proportional_budgets(density: float, seen: np.ndarray) -> np.ndarray:
     cum = np.floor(density * np.cumsum(seen) + 1e-9).astype(np.int64)
     k = np.minimum(np.maximum(np.diff(cum, prepend=0), 1), seen)
-    target = max(nq, int(cum[-1]))
+    target = max(len(seen), int(cum[-1]))
     excess = int(k.sum()) - target
     while excess > 0:  # a few blocks at most (one per row whose share is under one block)
         top = int(np.flatnonzero(k == k.max())[-1])
@@ -158,16 +167,38 @@ def proportional_budgets(density: float, nq: int, nk: int, causal: bool = True) 
 BUDGETS = ("uniform", "proportional")
 
 
-def row_k(density: float, nq: int, nk: int, causal: bool = True, budget: str = "uniform"):
+def row_k(density: float, nq: int, nk: int, causal: bool = True, budget: str = "uniform", dense_last_rows: int = 0):
     """The TopK budget of each row as :func:`kth_largest` takes it: an int when every row has the same,
     else an int32 `[nq]` (uniform: `k`, and `k + 1` in the last `r` rows of :func:`row_budgets`;
-    proportional: :func:`proportional_budgets`)."""
-    if budget == "proportional":
-        return proportional_budgets(density, nq, nk, causal)
-    if budget != "uniform":
+    proportional: :func:`proportional_budgets`).
+
+    With `dense_last_rows = m`, the last m rows keep every block they see, and those blocks come out of the
+    same total: the other rows share `floor(density · visible blocks)` minus the dense rows' blocks (at least
+    one block each), so the achieved density stays the target."""
+    if budget not in BUDGETS:
         raise SelectionError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
-    k, r = row_budgets(density, nq, nk, causal)
-    return k if r == 0 else np.where(np.arange(nq) >= nq - r, k + 1, k).astype(np.int32)
+    m = min(int(dense_last_rows), nq)
+    if m == 0:
+        if budget == "proportional":
+            return proportional_budgets(density, nq, nk, causal)
+        k, r = row_budgets(density, nq, nk, causal)
+        return k if r == 0 else np.where(np.arange(nq) >= nq - r, k + 1, k).astype(np.int32)
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise SelectionError(f"density must be in (0, 1], got {density!r}")
+    seen = _seen_per_row(nq, nk, causal)
+    rest, dense = seen[: nq - m], seen[nq - m :]
+    out = np.empty(nq, np.int32)
+    out[nq - m :] = dense
+    if rest.size:
+        target = max(nq, int(math.floor(density * int(seen.sum()) + 1e-9))) - int(dense.sum())
+        target = max(int(rest.size), target)
+        if budget == "proportional":
+            out[: nq - m] = _proportional_budgets(min(1.0, target / int(rest.sum())), rest)
+        else:
+            k, r = _uniform_budgets(rest, target)
+            out[: nq - m] = np.minimum(np.where(np.arange(rest.size) >= rest.size - r, k + 1, k), rest)
+    return out
 
 
 def _finish(mask, nq, nk, cfg: SelectionConfig, causal: bool, key_blocks_valid=None):
@@ -217,7 +248,7 @@ def select_blocks(
     if cfg.threshold is not None:
         mask = scores > cfg.threshold
     else:
-        kk = row_k(cfg.density, nq, nk, causal, cfg.budget)
+        kk = row_k(cfg.density, nq, nk, causal, cfg.budget, cfg.dense_last_rows)
         if isinstance(kk, int) and kk >= nk:  # (a per-row k means some rows keep fewer than nk)
             mask = jnp.ones(scores.shape, bool)
         else:

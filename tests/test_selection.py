@@ -24,6 +24,7 @@ from seerjax.selection import (
     proportional_budgets,
     quest_scores,
     row_budgets,
+    row_k,
     select_blocks,
     streaming_scores,
     topk_budget,
@@ -117,6 +118,29 @@ def test_density_one_selects_every_visible_block_and_tail_options():
     np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((NQ, NQ), bool)))
     mask = np.asarray(select_blocks(_scores(), SelectionConfig(density=0.1, keep_first=True, dense_last_rows=2)))
     assert mask[..., 0].all() and mask[..., -2:, :].sum() == 2 * (NQ - 1 + NQ)  # 2 heads, rows of 63 and 64 blocks
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(128, 128, True), (32, 32, True), (20, 56, True), (33, 33, False)])
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.02])
+@pytest.mark.parametrize("budget", ["uniform", "proportional"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_dense_last_rows_come_out_of_the_same_budget(nq, nk, causal, density, budget, m):
+    """dense_last_rows = m: the last m rows keep every block they see, and the other rows share the rest of
+    floor(density x visible) (at least one block each), so the achieved density is still the target."""
+    seen = np.asarray(causal_blocks(nq, nk, causal)).sum(-1)
+    target = max(nq, int(np.floor(density * seen.sum() + 1e-9)))
+    cfg = SelectionConfig(density=density, dense_last_rows=m, budget=budget)
+    mask = np.asarray(select_blocks(_scores(nq=nq, nk=nk), cfg, causal=causal))
+    kept = mask.sum(-1)
+    np.testing.assert_array_equal(kept[..., nq - m :], np.broadcast_to(seen[nq - m :], kept[..., nq - m :].shape))
+    rest = max(nq - m, target - int(seen[nq - m :].sum()))
+    assert (kept[..., : nq - m].sum(-1) == rest).all()
+    assert (kept[..., : nq - m] >= 1).all() and (kept <= seen).all()
+    if rest > nq - m:  # the dense rows fit the budget: the achieved density is the target's, as without them
+        assert (kept.sum(-1) == target).all()
+    if budget == "uniform":  # no other row keeps more than it would without the dense rows
+        uniform_without = row_k(density, nq, nk, causal, budget)
+        assert np.all(np.asarray(row_k(density, nq, nk, causal, budget, m))[: nq - m] <= np.broadcast_to(uniform_without, (nq,))[: nq - m])
 
 
 def test_threshold_and_key_padding():

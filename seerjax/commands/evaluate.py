@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-first", action="store_true",
                    help="every sparse method also keeps the first key block (the attention sink)")
     p.add_argument("--dense-last-rows", type=int, default=0,
-                   help="every sparse method attends densely in the last N query blocks (default 0)")
+                   help="every sparse method attends densely in the last N query blocks (default 0); with --densities, "
+                        "their blocks come out of the same budget, so the achieved density stays the target")
     p.add_argument("--budget", default="uniform", choices=("uniform", "proportional"),
                    help="how TopK spreads a density over the query rows: the same k per row (uniform, the seed's "
                    "rule) or about `density` of each row's visible blocks (proportional)")
