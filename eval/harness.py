@@ -219,8 +219,8 @@ def run_eval(s: EvalSettings, *, model=None, heldout=None, tokenizer=None) -> li
     sequences = _heldout_sequences(heldout, s.seq_len, s.num_sequences, int(getattr(tokenizer, "eos_token_id", 0) or 0))
     rng = np.random.default_rng(s.seed)
     filler = max(heldout, key=len)  # real held-out text as the haystack
-    retrieval = [
-        passkey_sample(tokenizer, L, depth, rng, filler_ids=filler)
+    retrieval = [  # (input_ids, answer_positions, answer_ids, depth)
+        (*passkey_sample(tokenizer, L, depth, rng, filler_ids=filler), depth)
         for L in (s.retrieval_lengths or (s.seq_len,))
         for depth in s.retrieval_depths
         for _ in range(s.retrieval_samples)
@@ -332,10 +332,10 @@ def _evaluate_setting(model, attention, options, sequences, retrieval, s: EvalSe
         total += float(nll)
         count += int(n)
         densities.append(np.asarray(dens))
-    # Per protocol, per document length: (hits, documents).
-    tallies: dict[str, dict[int, tuple[int, int]]] = {"retrieval": {}, "retrieval_prefill": {}}
+    # Per protocol, per (document length, needle depth): (hits, documents).
+    tallies: dict[str, dict[tuple[int, float], tuple[int, int]]] = {"retrieval": {}, "retrieval_prefill": {}}
     sparse = "density" in options or "threshold" in options  # dense attention: both protocols are the same run
-    for ids, pos, answer in retrieval:
+    for ids, pos, answer, depth in retrieval:
         x = jnp.asarray(ids)[None]
         pred = np.asarray(nll_and_aux(state, x)[3])[0]
         ok = {"retrieval": int(np.all(pred[pos - 1] == answer))}
@@ -347,16 +347,23 @@ def _evaluate_setting(model, attention, options, sequences, retrieval, s: EvalSe
         else:
             ok["retrieval_prefill"] = ok["retrieval"]
         for name, hit in ok.items():
-            hits, n = tallies[name].get(len(ids), (0, 0))
-            tallies[name][len(ids)] = (hits + hit, n + 1)
+            hits, n = tallies[name].get((len(ids), depth), (0, 0))
+            tallies[name][(len(ids), depth)] = (hits + hit, n + 1)
     record = {
         "ppl": float(math.exp(total / count)),
         "achieved_density": float(np.mean(densities)),
         "recall": _recall(model, attention, options, sequences[: s.recall_sequences], block_size),
     }
-    for name, by_length in tallies.items():
-        record[name] = sum(h for h, _ in by_length.values()) / max(len(retrieval), 1)
-        record[f"{name}_by_length"] = {str(k): h / n for k, (h, n) in sorted(by_length.items())}
+    for name, cells in tallies.items():
+        record[name] = sum(h for h, _ in cells.values()) / max(len(retrieval), 1)
+        for label, key in (("length", lambda c: str(c[0])), ("depth", lambda c: str(c[1])),
+                           ("length_depth", lambda c: f"{c[0]}@{c[1]}")):
+            groups: dict[str, list[int]] = {}
+            for cell, (h, n) in sorted(cells.items()):
+                g = groups.setdefault(key(cell), [0, 0])
+                g[0] += h
+                g[1] += n
+            record[f"{name}_by_{label}"] = {k: h / n for k, (h, n) in groups.items()}
     return record
 
 

@@ -24,6 +24,7 @@ PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
 ROPE_THETA=${ROPE_THETA:-10000}  # 500000 was tried at 16k and set retrieval back (docs/results.md, thirteenth session)
 STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a shorter length (the 16k study: 8192:2800:8:2e-3)
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
+RETRIEVAL_MIN_FRACTION=${RETRIEVAL_MIN_FRACTION:-0.125}  # the main stage's synthetic documents: this fraction of SEQ to all of it
 DISTILL_STEPS=${DISTILL_STEPS:-56000}
 DISTILL_LR=${DISTILL_LR:-1e-3}
 DISTILL_RETRIEVAL_DOCS=${DISTILL_RETRIEVAL_DOCS:-4000}
@@ -60,7 +61,7 @@ if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
   fi
   echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
   $SJ pretrain --out "$out/base" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" \
-    "${pretrain_args[@]}" "${init[@]}"
+    --retrieval-min-fraction "$RETRIEVAL_MIN_FRACTION" "${pretrain_args[@]}" "${init[@]}"
   tail -n 1 "$out/base/metrics.jsonl"
 fi
 if [[ $PARALLEL == 1 ]]; then

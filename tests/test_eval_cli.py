@@ -28,7 +28,7 @@ def test_distill_then_eval_every_method(tmp_path):
               "--implementation", "reference", "--no-progress"]
     _run(["distill", *common, "--steps", "4", "--block-size", "16", "--d-gate", "32", "--out", str(tmp_path / "gates")])
     out = _run(["eval", *common, "--gates", str(tmp_path / "gates"), "--densities", "1.0,0.25", "--thresholds", "0.01",
-                "--num-sequences", "1", "--retrieval-samples", "1", "--retrieval-depths", "0.5",
+                "--num-sequences", "1", "--retrieval-samples", "1", "--retrieval-depths", "0.2,0.8",
                 "--out", str(tmp_path / "eval")])
     assert "| seer |" in out
     records = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -38,6 +38,10 @@ def test_distill_then_eval_every_method(tmp_path):
         assert set(r) >= {"method", "density", "achieved_density", "ppl", "recall", "retrieval"}
         assert np.isfinite(r["ppl"]) and 0 <= r["recall"] <= 1 + 1e-6 and 0 <= r["retrieval"] <= 1
         assert list(r["retrieval_by_length"]) == ["256"] and r["retrieval_by_length"]["256"] == r["retrieval"]
+        by_depth, cells = r["retrieval_by_depth"], r["retrieval_by_length_depth"]
+        assert list(by_depth) == ["0.2", "0.8"] and list(cells) == ["256@0.2", "256@0.8"], r
+        assert set(by_depth.values()) <= {0.0, 1.0} and np.mean(list(by_depth.values())) == r["retrieval"]
+        assert [by_depth[d] for d in ("0.2", "0.8")] == [cells[f"256@{d}"] for d in ("0.2", "0.8")]
         # Both protocols are recorded; with dense attention (or density 1.0) they are the same run.
         assert 0 <= r["retrieval_prefill"] <= 1 and r["retrieval_prefill_by_length"]["256"] == r["retrieval_prefill"]
         if r["method"] == "dense" or r["density"] == 1.0:

@@ -241,14 +241,15 @@ def test_study_pretrain_stages_pass_their_settings(tmp_path):
     )
     stub.chmod(0o755)
     env = dict(ENV, SEERJAX=str(stub), SEQ="16384", STAGE1="8192:2800:8:2e-3", PRETRAIN_STEPS="1500",
-               PRETRAIN_BATCH="4", PRETRAIN_LR="1e-3", ROPE_THETA="20000", PRESET="tiny")
+               PRETRAIN_BATCH="4", PRETRAIN_LR="1e-3", ROPE_THETA="20000", PRESET="tiny", RETRIEVAL_MIN_FRACTION="0.5")
     p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "pretrain", str(tmp_path / "out")], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     first, main = log.read_text().splitlines()
     out = tmp_path / "out"
     assert f"--out {out}/base_stage1 --seq-len 8192 --steps 2800 --batch 8 --lr 2e-3" in first
-    assert f"--out {out}/base --seq-len 16384 --steps 1500 --batch 4 --lr 1e-3" in main
+    assert f"--out {out}/base --seq-len 16384 --steps 1500 --batch 4 --lr 1e-3 --retrieval-min-fraction 0.5" in main
+    assert "--retrieval-min-fraction" not in first  # the first stage keeps the default spread of lengths
     assert main.endswith(f"--init-model {out}/base_stage1/model") and "--init-model" not in first
     assert all("--preset tiny --rope-theta 20000" in c for c in (first, main))
 

@@ -34,6 +34,20 @@ def test_retrieval_documents_hold_their_answer():
     assert docs == corpus.retrieval_documents(4, ["lorem ipsum " * 100], 600, seed=1)
 
 
+def test_synthetic_document_lengths_start_at_the_minimum_fraction():
+    texts = [{"text": "lorem ipsum dolor sit amet " * 400}]
+    short = corpus.synthetic_documents(texts, 60, 8000, seed=3)
+    long = corpus.synthetic_documents(texts, 60, 8000, seed=3, min_fraction=0.75)
+    assert min(map(len, short)) < 4000  # default: 1/8 to all of max_chars
+    # Passkey and copy documents fill their length; key–value documents (every third, from the second) run to
+    # about 60% of it (23 characters per pair, sized at 40).
+    assert all(5990 <= len(d) <= 8000 for i, d in enumerate(long) if i % 3 != 1), sorted(map(len, long))[:3]
+    assert all(len(d) >= 3400 for d in long)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"min_fraction must be in \\(0, 1\\], got {bad}"):
+            corpus.synthetic_documents(texts, 2, 8000, min_fraction=bad)
+
+
 def test_pretrain_tiny_resumes_and_exports_a_loadable_byte_model(tmp_path):
     import jax.numpy as jnp
 
@@ -106,6 +120,9 @@ def test_bad_pretrain_settings():
     for theta in (0.5, float("nan"), "1e4"):
         with pytest.raises(PretrainError, match="rope_theta must be a finite number > 1"):
             PretrainSettings(out="x", rope_theta=theta)
+    for f in (0, 1.2, "0.5", True):
+        with pytest.raises(PretrainError, match=f"retrieval_min_fraction must be a number in \\(0, 1\\], got {f!r}"):
+            PretrainSettings(out="x", retrieval_min_fraction=f)
 
 
 def test_pretrain_rope_theta_reaches_the_model_config():
@@ -116,6 +133,20 @@ def test_pretrain_rope_theta_reaches_the_model_config():
     assert args.rope_theta == 500000.0
     assert model_config(PretrainSettings(out="x", rope_theta=args.rope_theta)).rope.theta == 500000.0
     assert model_config(PretrainSettings(out="x")).rope.theta == 10000.0
+    args = build_parser()[0].parse_args(["pretrain", "--out", "x", "--retrieval-min-fraction", "0.5"])
+    assert args.retrieval_min_fraction == 0.5
+
+
+def test_pretrain_retrieval_min_fraction_sets_the_synthetic_lengths(tmp_path):
+    from seerjax.train.pretrain import training_documents
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 2000)
+    s = PretrainSettings(out="x", data=str(tmp_path / "a.txt"), seq_len=1024, retrieval_docs=12)
+    default = [len(d) for d in training_documents(s)[1]]
+    long = [len(d) for d in training_documents(PretrainSettings(**{**s.__dict__, "retrieval_min_fraction": 0.8}))[1]]
+    assert len(long) == 12 and max(long) <= 1024, long
+    assert min(x for i, x in enumerate(long) if i % 3 != 1) >= 0.8 * 1024 - 1, long
+    assert min(default) < 0.5 * 1024, default
 
 
 def test_a_prepared_corpus_travels_through_seerjax_corpus(tmp_path, monkeypatch):

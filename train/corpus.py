@@ -184,12 +184,15 @@ def retrieval_documents(n: int, texts: list[str], length_chars: int, seed: int =
     return out
 
 
-def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0) -> list[str]:
-    """n synthetic documents (passkey, key–value, copy, in turn) of 1/8 to all of `max_chars` characters,
-    haystacks cut from the first 2000 documents of `texts` (a dataset or list of dicts with `text`)."""
+def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0, min_fraction: float = 0.125) -> list[str]:
+    """n synthetic documents (passkey, key–value, copy, in turn) of `min_fraction` (default 1/8) to all of
+    `max_chars` characters, haystacks cut from the first 2000 documents of `texts` (a dataset or list of dicts
+    with `text`)."""
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
     sample = [texts[i]["text"] for i in range(min(len(texts), 2000))]
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(max(max_chars // 8, 64), max(max_chars, 64) + 1, size=n)
+    lengths = rng.integers(max(int(max_chars * min_fraction), 64), max(max_chars, 64) + 1, size=n)
     out = []
     for i, length in enumerate(lengths):
         out += retrieval_documents(1, sample, int(length), seed=seed * 100003 + i, first_kind=i)

@@ -271,12 +271,14 @@ def split_whole(docs: list[np.ndarray], synthetic: list[np.ndarray], seq_len: in
     return docs + [d for d in synthetic if not 0 < len(d) < seq_len], fits
 
 
-def synthetic_token_documents(texts_ds, tokenizer, n: int, max_chars: int, seed: int = 0) -> list[np.ndarray]:
-    """n synthetic passkey / key–value / copy documents of up to max_chars characters, haystacks cut
-    from `texts_ds`, tokenized like the data (`seerjax.train.corpus.synthetic_documents`)."""
+def synthetic_token_documents(texts_ds, tokenizer, n: int, max_chars: int, seed: int = 0,
+                              min_fraction: float = 0.125) -> list[np.ndarray]:
+    """n synthetic passkey / key–value / copy documents of `min_fraction` to all of max_chars characters,
+    haystacks cut from `texts_ds`, tokenized like the data (`seerjax.train.corpus.synthetic_documents`)."""
     from seerjax.train.corpus import synthetic_documents
 
-    return tokenize_documents(datasets_from_texts(synthetic_documents(texts_ds, n, max_chars, seed=seed)), tokenizer)
+    docs = synthetic_documents(texts_ds, n, max_chars, seed=seed, min_fraction=min_fraction)
+    return tokenize_documents(datasets_from_texts(docs), tokenizer)
 
 
 def datasets_from_texts(texts: list[str]):

@@ -48,6 +48,7 @@ class PretrainSettings:
     seed: int = 0
     dtype: str = "bfloat16"
     retrieval_docs: int = 2000
+    retrieval_min_fraction: float = 0.125  # synthetic documents are this fraction of seq_len to all of it
     rope_theta: float = 10000.0
     attention: str | None = None
     progress: bool = True
@@ -61,6 +62,9 @@ class PretrainSettings:
                 raise PretrainError(f"{name} must be positive, got {getattr(self, name)}")
         if not (isinstance(self.rope_theta, (int, float)) and np.isfinite(self.rope_theta) and self.rope_theta > 1):
             raise PretrainError(f"rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        f = self.retrieval_min_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise PretrainError(f"retrieval_min_fraction must be a number in (0, 1], got {f!r}")
         if self.seq_len < 16:
             raise PretrainError(f"seq_len must be at least 16, got {self.seq_len}")
 
@@ -89,7 +93,9 @@ def training_documents(s: PretrainSettings) -> tuple[list[np.ndarray], list[np.n
     if not s.retrieval_docs:
         return docs, []
     # Sequences hold seq_len + 1 tokens (inputs and targets): a document of up to seq_len bytes fits whole.
-    return split_whole(docs, synthetic_token_documents(texts, tokenizer, s.retrieval_docs, s.seq_len, seed=s.seed), s.seq_len + 1)
+    synthetic = synthetic_token_documents(texts, tokenizer, s.retrieval_docs, s.seq_len, seed=s.seed,
+                                          min_fraction=s.retrieval_min_fraction)
+    return split_whole(docs, synthetic, s.seq_len + 1)
 
 
 def lm_loss(model, tokens_bt, attention):

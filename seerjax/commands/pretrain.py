@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype; parameters and optimizer state stay float32")
     p.add_argument("--retrieval-docs", type=int, default=2000, help="synthetic passkey / key-value documents mixed in")
+    p.add_argument("--retrieval-min-fraction", type=float, default=0.125,
+                   help="synthetic documents are this fraction of --seq-len to all of it (uniform); larger puts more "
+                        "needles far from their question")
     p.add_argument("--rope-theta", type=float, default=10000.0,
                    help="RoPE base wavelength (Llama 2: 10000; Llama 3: 500000, kinder to retrieval over long distances)")
     p.add_argument("--attention", default=None, help="attention function (default: cudnn on GPU, reference on CPU)")
@@ -33,7 +36,7 @@ def run(args) -> int:
     s = PretrainSettings(
         out=args.out, preset=args.preset, data=args.data, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=args.warmup, save_every=args.save_every, seed=args.seed, dtype=args.dtype,
-        retrieval_docs=args.retrieval_docs, rope_theta=args.rope_theta, attention=args.attention, progress=not args.no_progress,
+        retrieval_docs=args.retrieval_docs, retrieval_min_fraction=args.retrieval_min_fraction, rope_theta=args.rope_theta, attention=args.attention, progress=not args.no_progress,
         init_model=args.init_model,
     )
     summary = pretrain(s)
