@@ -441,6 +441,10 @@ def merge_results(out: str, parts: list[str]) -> list[dict]:
     their records in order, dense once (every part measures it; the copies must agree), then
     OUT/results.{json,md} and the PPL plot."""
     records, dense = [], None
+    missing = [p for p in parts if not os.path.isfile(os.path.join(p, "results.json"))]
+    if missing:
+        raise EvalError(f"no results.json in {missing}: those evaluations did not finish (see their logs); "
+                        f"nothing merged into {out}")
     for part in parts:
         with open(os.path.join(part, "results.json")) as f:
             for r in json.load(f):

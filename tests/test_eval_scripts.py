@@ -67,6 +67,11 @@ def test_merge_results_keeps_dense_once_and_rejects_disagreeing_parts(tmp_path):
     (pathlib.Path(parts[1]) / "results.json").write_text(json.dumps([record("dense", 1.0, 2.5)]))
     with pytest.raises(EvalError, match="dense PPL differs"):
         merge_results(str(tmp_path / "bad"), parts)
+    # A part whose evaluation died (no results.json) is named, and nothing is written.
+    (tmp_path / "part2").mkdir()
+    with pytest.raises(EvalError, match=r"no results.json in \['.*part2'\]: those evaluations did not finish"):
+        merge_results(str(tmp_path / "lost"), [parts[0], str(tmp_path / "part2")])
+    assert not (tmp_path / "lost").exists()
 
 
 def test_tune_kernels_rejects_a_malformed_tile_by_name():
