@@ -11,7 +11,7 @@
 #
 # Sizes come from the environment (defaults: the study recipe on one H100, docs/results.md: 56,000-step gates
 # with d_gate 128 and q pooled by average and max, about 4.5 minutes alone per kind of gate); the CPU test runs it tiny.
-# The 16k study's base model (docs/results.md, thirteenth session; 405 s of steps on one H100):
+# The 16k study's base model (docs/results.md, fourteenth session; 444 s for both stages on one H100):
 #   SEQ=16384 STAGE1=8192:2800:8:2e-3 PRETRAIN_STEPS=1500 PRETRAIN_BATCH=4 PRETRAIN_LR=1e-3 bash eval/study.sh pretrain OUT
 set -euo pipefail
 stage=${1:?usage: study.sh all|train|pretrain|distill|eval OUT}
@@ -38,7 +38,9 @@ RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}
 RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
 DENSITIES=${DENSITIES:-0.5,0.25,0.1}
 EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
-SELECT=${SELECT:-}  # selection options of the evaluation, e.g. "--keep-first --dense-last-rows 1"
+# Selection options of the evaluation, for every method. Default: the last query block (a passkey's question)
+# attends densely, inside the same budget (docs/results.md, fourteenth session); SELECT="" for none.
+SELECT=${SELECT---dense-last-rows 1}
 SJ=${SEERJAX:-seerjax}
 PARALLEL=${PARALLEL:-0}  # 1: the two distillations, and the evaluation's methods, run side by side (one GPU)
 MODEL=${MODEL:-$out/base/model}  # the base model distill and eval use (e.g. a carried bf16 copy)

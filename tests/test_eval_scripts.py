@@ -264,3 +264,31 @@ def test_study_pretrain_stages_pass_their_settings(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and "STAGE1 must be SEQ:STEPS:BATCH:LR" in p.stderr and "'8192:2800'" in p.stderr
     assert not log.exists()
+
+
+def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
+    """eval/study.sh eval passes --dense-last-rows 1 to every evaluation by default; SELECT="" passes none and
+    SELECT="--keep-first" passes exactly that (a stub stands in for seerjax)."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "sj"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f"echo \"$*\" >> {log}\n"
+        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '| x |' > \"$2/results.md\"; shift; done\n"
+    )
+    stub.chmod(0o755)
+    for select, expect in ((None, "--dense-last-rows 1"), ("", None), ("--keep-first", "--keep-first")):
+        env = dict(ENV, SEERJAX=str(stub))
+        if select is not None:
+            env["SELECT"] = select
+        p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "eval", str(tmp_path / "out")], env=env,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        assert len(calls) == 2 and all(c.startswith("eval ") for c in calls), calls
+        for c in calls:
+            assert ("--dense-last-rows" in c) == (expect == "--dense-last-rows 1"), (select, c)
+            assert ("--keep-first" in c) == (expect == "--keep-first"), (select, c)
+            if expect:
+                assert f"--no-progress {expect}" in c, c
