@@ -184,7 +184,11 @@ def retrieval_documents(n: int, texts: list[str], length_chars: int, seed: int =
     return out
 
 
-def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0, min_fraction: float = 0.125) -> list[str]:
+SYNTHETIC_MIN_FRACTION = 0.125  # synthetic documents run from this fraction of their maximum length to all of it
+
+
+def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0,
+                        min_fraction: float = SYNTHETIC_MIN_FRACTION) -> list[str]:
     """n synthetic documents (passkey, key–value, copy, in turn) of `min_fraction` (default 1/8) to all of
     `max_chars` characters, haystacks cut from the first 2000 documents of `texts` (a dataset or list of dicts
     with `text`)."""

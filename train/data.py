@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from seerjax.train.corpus import SYNTHETIC_MIN_FRACTION
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
@@ -272,7 +274,7 @@ def split_whole(docs: list[np.ndarray], synthetic: list[np.ndarray], seq_len: in
 
 
 def synthetic_token_documents(texts_ds, tokenizer, n: int, max_chars: int, seed: int = 0,
-                              min_fraction: float = 0.125) -> list[np.ndarray]:
+                              min_fraction: float = SYNTHETIC_MIN_FRACTION) -> list[np.ndarray]:
     """n synthetic passkey / key–value / copy documents of `min_fraction` to all of max_chars characters,
     haystacks cut from `texts_ds`, tokenized like the data (`seerjax.train.corpus.synthetic_documents`)."""
     from seerjax.train.corpus import synthetic_documents

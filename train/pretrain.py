@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from seerjax.config import ModelConfig, RopeConfig
+from seerjax.train.corpus import SYNTHETIC_MIN_FRACTION
 
 PRESETS = {
     # CPU: a few minutes on 2 cores.
@@ -48,7 +49,7 @@ class PretrainSettings:
     seed: int = 0
     dtype: str = "bfloat16"
     retrieval_docs: int = 2000
-    retrieval_min_fraction: float = 0.125  # synthetic documents are this fraction of seq_len to all of it
+    retrieval_min_fraction: float = SYNTHETIC_MIN_FRACTION  # synthetic documents: this fraction of seq_len to all of it
     rope_theta: float = 10000.0
     attention: str | None = None
     progress: bool = True

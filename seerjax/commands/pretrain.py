@@ -36,8 +36,8 @@ def run(args) -> int:
     s = PretrainSettings(
         out=args.out, preset=args.preset, data=args.data, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=args.warmup, save_every=args.save_every, seed=args.seed, dtype=args.dtype,
-        retrieval_docs=args.retrieval_docs, retrieval_min_fraction=args.retrieval_min_fraction, rope_theta=args.rope_theta, attention=args.attention, progress=not args.no_progress,
-        init_model=args.init_model,
+        retrieval_docs=args.retrieval_docs, retrieval_min_fraction=args.retrieval_min_fraction,
+        rope_theta=args.rope_theta, attention=args.attention, progress=not args.no_progress, init_model=args.init_model,
     )
     summary = pretrain(s)
     print(f"pretrained {summary['params']:,} parameters for {summary['steps']} steps in {summary['seconds']:.0f} s, "
