@@ -31,6 +31,8 @@ DISTILL_RETRIEVAL_DOCS=${DISTILL_RETRIEVAL_DOCS:-4000}
 BLOCK=${BLOCK:-64}
 D_GATE=${D_GATE:-128}
 GATE_TYPE=${GATE_TYPE:-Qavgmax_Kmaxminavg}  # the gate's poolings (the seed's default: Qavg_Kmaxminavg)
+Q_SUB_BLOCKS=${Q_SUB_BLOCKS:-1}  # the gate's scoring grain: sub-blocks per query / key block (seerjax.gate)
+K_SUB_BLOCKS=${K_SUB_BLOCKS:-1}
 SKIP_FRACTION=${SKIP_FRACTION:-0.25}  # first query blocks left out of the distillation loss (the seed's 0.25)
 DISTILL_HEADS=${DISTILL_HEADS:-query,kv}  # which gates the distill stage trains
 EVAL_SEQS=${EVAL_SEQS:-16}
@@ -78,6 +80,7 @@ if [[ $stage == all || $stage == train || $stage == distill ]]; then
     echo "== distill ($heads-head gates, $DISTILL_STEPS steps) $(date -u +%T)"
     $SJ distill --model "$MODEL" --data embedded:train --seq-len "$SEQ" --steps "$DISTILL_STEPS" \
       --out "$out/gates_$heads" --gate-heads "$heads" --block-size "$BLOCK" --d-gate "$D_GATE" --gate-type "$GATE_TYPE" \
+      --q-sub-blocks "$Q_SUB_BLOCKS" --k-sub-blocks "$K_SUB_BLOCKS" \
       --lr "$DISTILL_LR" --skip-fraction "$SKIP_FRACTION" \
       --warmup $((DISTILL_STEPS / 10 + 1)) --save-every "$DISTILL_STEPS" --retrieval-docs "$DISTILL_RETRIEVAL_DOCS" \
       --no-progress $EXTRA

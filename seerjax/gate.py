@@ -5,6 +5,12 @@ average, K by max, min and average concatenated on channels by default), project
 applies RoPE at the block-start positions and scores query blocks against key blocks. Its softmax
 over key blocks is trained to match the layer's own block max-pooled attention map.
 
+Sub-blocks (`q_sub_blocks`, `k_sub_blocks`, default 1): the gate may pool and score at a finer grain, e.g. four
+16-token query sub-blocks per 64-token block, and give each block the best score of its (causally allowed)
+sub-block pairs. The target is a max over the block's queries and keys, and a bilinear score of one pooled
+query cannot express a max over the block's queries; a max over sub-block scores comes closer. The parameters
+keep their shapes: only the scoring grain changes, so gates can be warm-started across sub-block settings.
+
 Two head modes:
   * ``"query"`` — one gate per query head, the seed's released prefill gates. Without a Q linear
     (one Q pooling and d_gate == head_dim), K is repeated to the query heads before its linear
@@ -81,6 +87,8 @@ class GateConfig:
     heads: str = "query"
     force_double: bool = False
     qk_norm: bool = False
+    q_sub_blocks: int = 1
+    k_sub_blocks: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "q_pooling", tuple(self.q_pooling))
@@ -92,6 +100,12 @@ class GateConfig:
         for name, pools in (("q_pooling", self.q_pooling), ("k_pooling", self.k_pooling)):
             if not pools or any(p not in POOLINGS for p in pools) or len(set(pools)) != len(pools):
                 raise GateConfigError(f"{name} must be a non-empty list of distinct names from {POOLINGS}, got {list(pools)}")
+        for name in ("q_sub_blocks", "k_sub_blocks"):
+            m = getattr(self, name)
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1 or self.block_size % m:
+                raise GateConfigError(
+                    f"{name} must be a positive int dividing block_size ({self.block_size}), got {m!r}"
+                )
         if self.d_gate < 2 or self.d_gate % 2:
             raise GateConfigError(f"d_gate must be an even positive number (RoPE pairs channels), got {self.d_gate}")
         for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
@@ -230,11 +244,13 @@ class AttnGate(nnx.Module):
         s = k_bshd.shape[1]
         bs = c.block_size
         nq, nk = -(-t // bs), -(-s // bs)
-        qp = pool_blocks(q_bthd, bs, c.q_pooling, lengths)  # [B, nq, Hq, nqp·D]
-        kp = pool_blocks(k_bshd, bs, c.k_pooling, lengths)  # [B, nk, Hkv, nkp·D]
+        mq, mk = c.q_sub_blocks, c.k_sub_blocks
+        sq, sk = bs // mq, bs // mk  # sub-block sizes: the gate scores sub-blocks, then takes each block's max
+        qp = _pool_padded(q_bthd, sq, c.q_pooling, lengths, nq * mq)  # [B, nq·mq, Hq, nqp·D]
+        kp = _pool_padded(k_bshd, sk, c.k_pooling, lengths, nk * mk)  # [B, nk·mk, Hkv, nkp·D]
         hp = jax.lax.Precision.HIGHEST
         if c.heads == "kv":
-            qp = qp.reshape(b, nq, c.num_kv_heads, c.group * qp.shape[-1])
+            qp = qp.reshape(b, nq * mq, c.num_kv_heads, c.group * qp.shape[-1])
         if self.mask_linear_q is not None:
             qg = jnp.einsum("bnhi,hio->bnho", qp, self.mask_linear_q[...].astype(jnp.float32), precision=hp)
             kg = jnp.einsum("bnhi,hio->bnho", kp, self.mask_linear_k[...].astype(jnp.float32), precision=hp)
@@ -245,11 +261,11 @@ class AttnGate(nnx.Module):
             )
         if c.qk_norm:
             qg, kg = _rms_norm(qg), _rms_norm(kg)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t) + (s - t), (b, t))
+        q_pos = _sub_block_starts(positions_bt, sq, nq * mq)
         if rope is not None:
-            if positions_bt is None:
-                positions_bt = jnp.broadcast_to(jnp.arange(t) + (s - t), (b, t))
-            q_pos = positions_bt[:, ::bs]
-            k_pos = jnp.broadcast_to(jnp.arange(nk) * bs, (b, nk))
+            k_pos = jnp.broadcast_to(jnp.arange(nk * mk) * sk, (b, nk * mk))
             qg, kg = rope(qg, q_pos), rope(kg, k_pos)
         if kg.shape[2] != qg.shape[2]:
             kg = jnp.repeat(kg, qg.shape[2] // kg.shape[2], axis=2)
@@ -259,11 +275,51 @@ class AttnGate(nnx.Module):
             "bihd,bjhd->bhij", (qg * scale).astype(sdt), kg.astype(sdt),
             precision=hp if sdt == jnp.float32 else None, preferred_element_type=jnp.float32,
         )
+        if mq > 1 or mk > 1:
+            logits = _max_over_sub_blocks(logits, t, s, sq, sk, mq, mk, lengths, causal)
         valid_k = None
         if lengths is not None:
             valid_k = jnp.arange(nk)[None, :] * bs < lengths.astype(jnp.int32)[:, None]
         allowed = block_causal_mask(nq, nk, causal, valid_k)
         return jnp.where(allowed, logits, NEG_INF)
+
+
+def _pool_padded(x_bthd, size: int, kinds, lengths, n: int) -> jax.Array:
+    """`pool_blocks` at `size`, padded with zero rows to `n` pooled rows (sub-blocks past a short last block)."""
+    pooled = pool_blocks(x_bthd, size, kinds, lengths)
+    if pooled.shape[1] < n:
+        pooled = jnp.pad(pooled, ((0, 0), (0, n - pooled.shape[1]), (0, 0), (0, 0)))
+    return pooled
+
+
+def _sub_block_starts(positions_bt: jax.Array, size: int, n: int) -> jax.Array:
+    """Position of each sub-block's first token `[B, n]` (past the end: continuing by `size`)."""
+    starts = positions_bt[:, ::size]
+    if starts.shape[1] < n:
+        extra = starts[:, -1:] + size * jnp.arange(1, n - starts.shape[1] + 1)[None, :]
+        starts = jnp.concatenate([starts, extra.astype(starts.dtype)], axis=1)
+    return starts
+
+
+def _max_over_sub_blocks(logits, t, s, sq, sk, mq, mk, lengths, causal):
+    """`[B, H, nq·mq, nk·mk]` sub-block scores → `[B, H, nq, nk]`: each block's best allowed sub-block pair.
+
+    A pair counts if its key sub-block starts at or before the query sub-block's last token (causal, bottom-right
+    aligned by tokens) and both sub-blocks hold a valid token. A block with no such pair scores 0 (it is masked at
+    block level, or is a padding row)."""
+    b, h, nqm, nkm = logits.shape
+    q_first = jnp.arange(nqm) * sq
+    q_last = jnp.minimum(q_first + sq - 1, t - 1) + (s - t)
+    k_first = jnp.arange(nkm) * sk
+    ok = jnp.ones((1, nqm, nkm), bool)
+    if causal:
+        ok = ok & (k_first[None, :] <= q_last[:, None])[None]
+    q_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    k_len = jnp.full((b,), s, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    ok = ok & (q_first[None, :, None] < q_len[:, None, None]) & (k_first[None, None, :] < k_len[:, None, None])
+    pairs = jnp.where(ok[:, None], logits, NEG_INF).reshape(b, h, nqm // mq, mq, nkm // mk, mk)
+    best = jnp.max(pairs, axis=(3, 5))
+    return jnp.where(best > NEG_INF / 2, best, 0.0)
 
 
 def gate_targets(pooled_bhij: jax.Array, config: GateConfig) -> jax.Array:

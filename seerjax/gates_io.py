@@ -101,6 +101,11 @@ def gate_config_to_seed_fields(config: GateConfig) -> dict:
     """The seed's `seerattn_*` config.json fields for query-head gates."""
     if config.heads != "query":
         raise GateConfigError("the seed's prefill gate format holds per-query-head gates only; these gates have heads='kv'")
+    if config.q_sub_blocks != 1 or config.k_sub_blocks != 1:
+        raise GateConfigError(
+            "the seed's prefill gate format scores whole blocks; these gates score sub-blocks "
+            f"(q_sub_blocks={config.q_sub_blocks}, k_sub_blocks={config.k_sub_blocks})"
+        )
     return {
         "seerattn_gate_type": config.gate_type,
         "seerattn_gate_block_size": config.block_size,
@@ -215,11 +220,26 @@ def model_gates(model) -> list:
     return gates
 
 
-def load_gates(model, gates_dir: str):
-    """Reads a gates directory (seerjax's or the seed's format), checks it fits `model`, attaches the gates."""
+def load_gates(model, gates_dir: str, config: GateConfig | None = None):
+    """Reads a gates directory (seerjax's or the seed's format), checks it fits `model`, attaches the gates.
+
+    `config` attaches them with other sub-block settings (the scoring grain; the tensors are the same) than the
+    directory's; every other setting must agree with the directory's.
+    """
+    import dataclasses
+
     import jax.numpy as jnp
 
-    config = read_gate_config(gates_dir)
+    found = read_gate_config(gates_dir)
+    if config is None:
+        config = found
+    else:
+        grain = {f: getattr(config, f) for f in ("q_sub_blocks", "k_sub_blocks")}
+        if dataclasses.replace(found, **grain) != config:
+            raise GateConfigError(
+                f"the gates in {gates_dir!r} were made with {found.to_dict()}, which differs from the requested "
+                f"{config.to_dict()} in more than q_sub_blocks / k_sub_blocks"
+            )
     mc = model.config
     check_gates_fit_model(
         config, num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim

@@ -247,6 +247,16 @@ def test_warm_start_continues_from_trained_gates_and_checks_their_settings(tmp_p
     assert warm.losses[0] < 1.5 * np.mean(first.losses[-5:]), (warm.losses[0], first.losses[-5:])
     meta = json.loads((tmp_path / "warm" / "gate_config.json").read_text())
     assert meta["extra"]["init_gates"] == str(tmp_path / "first")
+    # A finer scoring grain keeps the tensors: the same gates warm-start it, and it is what the new gates record.
+    fine = distill(settings(tmp_path / "fine", steps=3, lr=1e-4, q_sub_blocks=4, k_sub_blocks=2,
+                            init_gates=str(tmp_path / "first")), model=peaky_model(), data=data)
+    trained, moved = load_file(str(tmp_path / "first" / "gates.safetensors")), load_file(str(tmp_path / "fine" / "gates.safetensors"))
+    assert trained.keys() == moved.keys()
+    for name in trained:  # 3 AdamW steps at lr 1e-4 move each weight by at most 3e-4
+        np.testing.assert_allclose(moved[name], trained[name], atol=5e-4)
+    assert fine.losses[0] < fresh_loss, (fine.losses[0], fresh_loss)
+    meta = json.loads((tmp_path / "fine" / "gate_config.json").read_text())
+    assert (meta["q_sub_blocks"], meta["k_sub_blocks"]) == (4, 2)
     with pytest.raises(DistillError, match="init_gates=.*other settings.*d_gate"):
         distill(settings(tmp_path / "other", steps=2, d_gate=16, init_gates=str(tmp_path / "first")), model=peaky_model(), data=data)
     with pytest.raises(DistillError, match="init_gates=.*not a directory"):
@@ -267,6 +277,10 @@ def test_cli_flags_map_onto_settings_and_a_bad_skip_fraction_is_named():
     assert s.skip_fraction == 0.0 and s.init_gates == "g"
     with pytest.raises(DistillError, match=r"skip_fraction must be in \[0, 1\), got 1.0"):
         settings_from_args(p.parse_args(base + ["--skip-fraction", "1.0"]))
+    s = settings_from_args(p.parse_args(base + ["--q-sub-blocks", "4", "--k-sub-blocks", "2"]))
+    assert (s.q_sub_blocks, s.k_sub_blocks) == (4, 2)
+    with pytest.raises(DistillError, match=r"q_sub_blocks must be a positive integer dividing block_size \(64\), got 3"):
+        settings_from_args(p.parse_args(base + ["--q-sub-blocks", "3"]))
 
 
 def test_a_nan_loss_stops_distillation_before_its_step_is_saved(tmp_path, monkeypatch):

@@ -90,6 +90,68 @@ def test_gate_matches_explicit_computation():
     np.testing.assert_allclose(got[0, :, 0, 0], want[0, :, 0, 0], rtol=1e-4, atol=1e-4)
 
 
+def _token_level_block_max(q, k, wq, wk, bs, length, causal=True):
+    """Reference for single-token sub-blocks (avg pooling of one token = the token): each block's max over
+    causally allowed, valid (query, key) token pairs of the gate's bilinear score, no RoPE."""
+    b, t, hq, d = q.shape
+    qg = np.einsum("bthi,hio->btho", q, wq)
+    kg = np.repeat(np.einsum("bthi,hio->btho", k, wk), hq // k.shape[2], axis=2)
+    s = np.einsum("bihd,bjhd->bhij", qg, kg) / np.sqrt(wq.shape[-1])
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    ok = (j <= i) if causal else np.ones((t, t), bool)
+    ok = ok & (i < length) & (j < length)
+    s = np.where(ok, s, -np.inf)
+    n = -(-t // bs)
+    s = np.pad(s, ((0, 0), (0, 0), (0, n * bs - t), (0, n * bs - t)), constant_values=-np.inf)
+    return s.reshape(b, hq, n, bs, n, bs).max(axis=(3, 5))
+
+
+@pytest.mark.parametrize("t,length", [(48, None), (45, None), (48, 27)])
+def test_sub_blocks_take_each_blocks_best_causal_token_pair(t, length):
+    """With one-token sub-blocks the gate's block logit is the max over the block's allowed token pairs."""
+    cfg = _cfg(block_size=16, d_gate=32, q_pooling=("avg",), k_pooling=("avg",), q_sub_blocks=16, k_sub_blocks=16,
+               force_double=True)
+    gate = AttnGate(cfg, rngs=nnx.Rngs(4))
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(1, t, 4, 32)).astype(np.float32)
+    k = rng.normal(size=(1, t, 2, 32)).astype(np.float32)
+    lengths = None if length is None else jnp.asarray([length])
+    got = np.asarray(gate(jnp.asarray(q), jnp.asarray(k), rope=None, lengths=lengths, score_dtype=jnp.float32))
+    want = _token_level_block_max(q, k, np.asarray(gate.mask_linear_q[...]), np.asarray(gate.mask_linear_k[...]),
+                                  16, t if length is None else length)
+    n = want.shape[-1]
+    allowed = np.tril(np.ones((n, n), bool))
+    if length is not None:
+        allowed = allowed & (np.arange(n)[None, :] * 16 < length)
+    valid_rows = np.arange(n) * 16 < (t if length is None else length)
+    for i in np.flatnonzero(valid_rows):
+        np.testing.assert_allclose(got[0, :, i, allowed[i]], want[0, :, i, allowed[i]], rtol=1e-4, atol=1e-4)
+    assert np.all(got[0][:, ~allowed] <= -1e29)  # disallowed blocks stay masked
+    assert np.isfinite(got).all()
+
+
+def test_sub_blocks_change_only_the_scoring_grain():
+    """Finer grains keep the tensors and change the scores; a grain that does not divide the block, or the
+    seed's file format (whole blocks only), is refused by name."""
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.normal(size=(2, 64, 4, 32)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(2, 64, 2, 32)).astype(np.float32))
+    coarse = AttnGate(_cfg(), rngs=nnx.Rngs(7))
+    fine = AttnGate(_cfg(q_sub_blocks=4, k_sub_blocks=2), rngs=nnx.Rngs(7))
+    np.testing.assert_array_equal(np.asarray(coarse.mask_linear_k[...]), np.asarray(fine.mask_linear_k[...]))
+    a = np.asarray(coarse(q, k, rope=None, score_dtype=jnp.float32))
+    b = np.asarray(fine(q, k, rope=None, score_dtype=jnp.float32))
+    assert a.shape == b.shape == (2, 4, 4, 4)
+    off = np.tril(np.ones((4, 4), bool), -1)  # strictly past blocks: every pair allowed, the max ≥ any pair's
+    assert not np.allclose(a[..., off], b[..., off])
+    with pytest.raises(GateConfigError, match="q_sub_blocks"):
+        _cfg(q_sub_blocks=3)
+    with pytest.raises(GateConfigError, match="k_sub_blocks"):
+        _cfg(k_sub_blocks=0)
+    with pytest.raises(GateConfigError, match="sub-blocks"):
+        gates_io.gate_config_to_seed_fields(_cfg(q_sub_blocks=2))
+
+
 def test_targets_normalize_rows_and_take_group_max_for_kv_gates():
     pooled = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 4, 3, 3)).astype(np.float32))
     pooled = pooled * jnp.tril(jnp.ones((3, 3)))

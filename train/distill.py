@@ -52,6 +52,8 @@ class DistillSettings:
     gate_heads: str = "query"
     d_gate: int = 128
     gate_type: str = "Qavg_Kmaxminavg"
+    q_sub_blocks: int = 1  # the gate's scoring grain (see seerjax.gate): query / key sub-blocks per block
+    k_sub_blocks: int = 1
     loss_scale: float = 10.0
     skip_fraction: float = 0.25
     dtype: str = "bfloat16"
@@ -78,6 +80,10 @@ class DistillSettings:
                 f"seq_len={self.seq_len} is shorter than one gate block (block_size={self.block_size}); "
                 "distillation needs at least one full block"
             )
+        for name in ("q_sub_blocks", "k_sub_blocks"):
+            m = getattr(self, name)
+            if not isinstance(m, (int, np.integer)) or m < 1 or self.block_size % m:
+                raise DistillError(f"{name} must be a positive integer dividing block_size ({self.block_size}), got {m!r}")
         if not 0.0 <= self.skip_fraction < 1.0:
             raise DistillError(f"skip_fraction must be in [0, 1), got {self.skip_fraction}")
 
@@ -88,7 +94,8 @@ def gate_config_from_settings(model_config, s: DistillSettings) -> GateConfig:
 
     q_pool, k_pool = parse_gate_type(s.gate_type)
     return gate_config_for_model(
-        model_config, block_size=s.block_size, d_gate=s.d_gate, q_pooling=q_pool, k_pooling=k_pool, heads=s.gate_heads
+        model_config, block_size=s.block_size, d_gate=s.d_gate, q_pooling=q_pool, k_pooling=k_pool, heads=s.gate_heads,
+        q_sub_blocks=s.q_sub_blocks, k_sub_blocks=s.k_sub_blocks,
     )
 
 
@@ -166,12 +173,13 @@ def _warm_start(model, gate_config: GateConfig, gates_dir: str) -> None:
     if not os.path.isdir(gates_dir):
         raise DistillError(f"init_gates={gates_dir!r} is not a directory (expected a gates directory with gate_config.json)")
     found = read_gate_config(gates_dir)
-    if found.to_dict() != gate_config.to_dict():
+    grain = ("q_sub_blocks", "k_sub_blocks")  # the scoring grain: parameters keep their shapes across it
+    if dataclasses.replace(found, **{f: getattr(gate_config, f) for f in grain}).to_dict() != gate_config.to_dict():
         raise DistillError(
             f"init_gates={gates_dir!r} holds gates made with other settings ({found.to_dict()}) than this run's "
             f"({gate_config.to_dict()}); match --gate-heads, --d-gate, --gate-type and --block-size to them"
         )
-    load_gates(model, gates_dir)
+    load_gates(model, gates_dir, config=gate_config)
 
 
 def distill(s: DistillSettings, *, model=None, data=None) -> DistillResult:

@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-heads", default="query", choices=("query", "kv"), help="one gate per query head or per KV head")
     p.add_argument("--d-gate", type=int, default=128, help="gate hidden size")
     p.add_argument("--gate-type", default="Qavg_Kmaxminavg", help="poolings, e.g. Qavg_Kmaxminavg")
+    p.add_argument("--q-sub-blocks", type=int, default=1,
+                   help="score each query block as this many sub-blocks and keep the best (the target is a max over "
+                        "the block's queries); must divide --block-size")
+    p.add_argument("--k-sub-blocks", type=int, default=1, help="the same for key blocks")
     p.add_argument("--dtype", default="bfloat16", help="model compute dtype (bfloat16, float32, float16)")
     p.add_argument("--implementation", default=None, help="kernel implementation (default: fastest for the platform)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4,tensor=1 (default: one device)")
@@ -54,6 +58,8 @@ def settings_from_args(args):
         gate_heads=args.gate_heads,
         d_gate=args.d_gate,
         gate_type=args.gate_type,
+        q_sub_blocks=args.q_sub_blocks,
+        k_sub_blocks=args.k_sub_blocks,
         dtype=args.dtype,
         implementation=args.implementation,
         mesh=args.mesh,
