@@ -7,11 +7,15 @@ Milliseconds are per layer (mean device time: calls queued back to back, one syn
 so host dispatch overhead is not counted); the last column multiplies by 32 layers.
 
     python eval/bench_gate.py --lengths 32768,131072 --json OUT/gate.json
+
+`--grains 4x4,8x8` also times the whole gate (and gate + selection + lists) at finer scoring grains: query × key
+sub-blocks per block (`GateConfig.q_sub_blocks`, `k_sub_blocks`), against whole blocks (1x1).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 
 import jax
@@ -26,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--gate-heads", default="query", choices=("query", "kv"))
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--grains", default="", help="comma-separated QxK sub-block grains timed besides 1x1, e.g. 4x4,8x8")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -47,6 +52,11 @@ def main(argv=None) -> int:
     def rope(x, pos):
         return apply_rope(x, pos, inv, sc)
 
+    try:
+        grains = [tuple(int(v) for v in g.split("x")) for g in args.grains.split(",") if g]
+        fine_gates = {g: AttnGate(dataclasses.replace(gcfg, q_sub_blocks=g[0], k_sub_blocks=g[1]), rngs=nnx.Rngs(0)) for g in grains}
+    except ValueError as e:
+        p.error(f"--grains must be like 4x4,8x8 with sub-blocks dividing {bs}: {e}")
     sel = SelectionConfig(density=args.density)
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}, {datetime.date.today()}")
@@ -75,6 +85,12 @@ def main(argv=None) -> int:
                 (q, k),
             ),
         }
+        for (gq, gk), fg in fine_gates.items():
+            steps[f"gate {gq}x{gk} sub-blocks, bf16 scores"] = (jax.jit(lambda q, k, fg=fg: fg(q, k, rope=rope)), (q, k))
+            steps[f"gate {gq}x{gk} + select + lists"] = (
+                jax.jit(lambda q, k, fg=fg, full=full: compact_block_lists(select_blocks(fg(q, k, rope=rope), sel, premasked=True), full[None, None])),
+                (q, k),
+            )
         for name, (fn, fargs) in steps.items():
             ms = pipelined_ms(fn, *fargs, warmup=2, reps=args.reps)
             rows.append({"T": t, "step": name, "ms_per_layer": ms, "ms_all_layers": ms * layers})

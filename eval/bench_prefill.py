@@ -26,7 +26,7 @@ LLAMA31_8B = dict(
 )
 
 
-def llama8b_with_gates(layers: int | None = None, gate_heads: str = "query"):
+def llama8b_with_gates(layers: int | None = None, gate_heads: str = "query", grain: tuple[int, int] = (1, 1)):
     """(config, model, gate config): a Llama-3.1-8B-shaped model (optionally fewer layers) with random bf16
     weights made on the device and random AttnGates attached (d_gate 128, block 64)."""
     from seerjax.config import ModelConfig
@@ -38,7 +38,7 @@ def llama8b_with_gates(layers: int | None = None, gate_heads: str = "query"):
         hf["num_hidden_layers"] = layers
     cfg = ModelConfig.from_hf_dict(hf)
     model = random_model(cfg, dtype=jnp.bfloat16)
-    gate_cfg = gate_config_for_model(cfg, block_size=64, d_gate=128, heads=gate_heads)
+    gate_cfg = gate_config_for_model(cfg, block_size=64, d_gate=128, heads=gate_heads, q_sub_blocks=grain[0], k_sub_blocks=grain[1])
     attach_gates(model, gate_cfg)
     return cfg, model, gate_cfg
 
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--densities", default="0.5,0.1")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller runs)")
     p.add_argument("--gate-heads", default="query", choices=("query", "kv"))
+    p.add_argument("--grain", default="1x1", help="the gate's query x key sub-blocks per block (seerjax.gate), e.g. 8x8")
     p.add_argument("--implementation", default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
@@ -62,7 +63,12 @@ def main(argv=None) -> int:
 
     from seerjax.selection import SelectionConfig, select_blocks
 
-    cfg, model, gate_cfg = llama8b_with_gates(args.layers, args.gate_heads)
+    try:
+        grain = tuple(int(v) for v in args.grain.split("x"))
+        assert len(grain) == 2
+    except (ValueError, AssertionError):
+        p.error(f"--grain must be like 8x8, got {args.grain!r}")
+    cfg, model, gate_cfg = llama8b_with_gates(args.layers, args.gate_heads, grain)
     graphdef, state = nnx.split(model)
 
     def make(attention, options):

@@ -267,16 +267,19 @@ class AttnGate(nnx.Module):
         if rope is not None:
             k_pos = jnp.broadcast_to(jnp.arange(nk * mk) * sk, (b, nk * mk))
             qg, kg = rope(qg, q_pos), rope(kg, k_pos)
-        if kg.shape[2] != qg.shape[2]:
-            kg = jnp.repeat(kg, qg.shape[2] // kg.shape[2], axis=2)
         sdt = jnp.dtype(q_bthd.dtype if score_dtype is None else score_dtype)
         scale = 1.0 / math.sqrt(c.d_gate)
-        logits = jnp.einsum(
-            "bihd,bjhd->bhij", (qg * scale).astype(sdt), kg.astype(sdt),
-            precision=hp if sdt == jnp.float32 else None, preferred_element_type=jnp.float32,
-        )
-        if mq > 1 or mk > 1:
-            logits = _max_over_sub_blocks(logits, t, s, sq, sk, mq, mk, lengths, causal)
+        qg, kg = (qg * scale).astype(sdt), kg.astype(sdt)
+        if mq > 1 or mk > 1:  # K heads stay unrepeated: the scorer maps each query head to its K head
+            from seerjax.kernels.sub_block_scores import sub_block_scores
+
+            logits = sub_block_scores(qg, kg, t=t, s=s, sq=sq, sk=sk, mq=mq, mk=mk, lengths=lengths, causal=causal)
+        else:
+            if kg.shape[2] != qg.shape[2]:
+                kg = jnp.repeat(kg, qg.shape[2] // kg.shape[2], axis=2)
+            logits = jnp.einsum(
+                "bihd,bjhd->bhij", qg, kg, precision=hp if sdt == jnp.float32 else None, preferred_element_type=jnp.float32
+            )
         valid_k = None
         if lengths is not None:
             valid_k = jnp.arange(nk)[None, :] * bs < lengths.astype(jnp.int32)[:, None]
@@ -299,27 +302,6 @@ def _sub_block_starts(positions_bt: jax.Array, size: int, n: int) -> jax.Array:
         extra = starts[:, -1:] + size * jnp.arange(1, n - starts.shape[1] + 1)[None, :]
         starts = jnp.concatenate([starts, extra.astype(starts.dtype)], axis=1)
     return starts
-
-
-def _max_over_sub_blocks(logits, t, s, sq, sk, mq, mk, lengths, causal):
-    """`[B, H, nq·mq, nk·mk]` sub-block scores → `[B, H, nq, nk]`: each block's best allowed sub-block pair.
-
-    A pair counts if its key sub-block starts at or before the query sub-block's last token (causal, bottom-right
-    aligned by tokens) and both sub-blocks hold a valid token. A block with no such pair scores 0 (it is masked at
-    block level, or is a padding row)."""
-    b, h, nqm, nkm = logits.shape
-    q_first = jnp.arange(nqm) * sq
-    q_last = jnp.minimum(q_first + sq - 1, t - 1) + (s - t)
-    k_first = jnp.arange(nkm) * sk
-    ok = jnp.ones((1, nqm, nkm), bool)
-    if causal:
-        ok = ok & (k_first[None, :] <= q_last[:, None])[None]
-    q_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    k_len = jnp.full((b,), s, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    ok = ok & (q_first[None, :, None] < q_len[:, None, None]) & (k_first[None, None, :] < k_len[:, None, None])
-    pairs = jnp.where(ok[:, None], logits, NEG_INF).reshape(b, h, nqm // mq, mq, nkm // mk, mk)
-    best = jnp.max(pairs, axis=(3, 5))
-    return jnp.where(best > NEG_INF / 2, best, 0.0)
 
 
 def gate_targets(pooled_bhij: jax.Array, config: GateConfig) -> jax.Array:

@@ -152,6 +152,38 @@ def test_sub_blocks_change_only_the_scoring_grain():
         gates_io.gate_config_to_seed_fields(_cfg(q_sub_blocks=2))
 
 
+@pytest.mark.parametrize("t,lengths", [(80, None), (75, (75, 40))])
+def test_sub_block_scores_in_query_chunks_match_scoring_all_at_once(monkeypatch, t, lengths):
+    """Past SCORE_BYTES the (XLA) sub-block scores go chunk by chunk: same logits, same gradients."""
+    import seerjax.kernels.sub_block_scores as scores_mod
+
+    cfg = _cfg(q_sub_blocks=4, k_sub_blocks=8, q_pooling=("avg", "max"))
+    gate = AttnGate(cfg, rngs=nnx.Rngs(8))
+    rng = np.random.default_rng(9)
+    q = jnp.asarray(rng.normal(size=(2, t, 4, 32)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(2, t, 2, 32)).astype(np.float32))
+    lens = None if lengths is None else jnp.asarray(lengths)
+    rope = lambda x, pos: x * jnp.cos(pos[..., None, None] * 0.01)  # position-dependent, cheap
+
+    def run():
+        graphdef, params, rest = nnx.split(gate, nnx.Param, ...)
+
+        def f(p):
+            g = nnx.merge(graphdef, p, rest)
+            out = g(q, k, rope=rope, lengths=lens, score_dtype=jnp.float32)
+            return jnp.sum(jnp.where(out > -1e29, jnp.tanh(out), 0.0)), out
+
+        (_, out), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return np.asarray(out), jax.tree.map(np.asarray, grads)
+
+    whole, g_whole = run()
+    monkeypatch.setattr(scores_mod, "SCORE_BYTES", 1)  # one query block per chunk
+    chunked, g_chunked = run()
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_targets_normalize_rows_and_take_group_max_for_kv_gates():
     pooled = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 4, 3, 3)).astype(np.float32))
     pooled = pooled * jnp.tril(jnp.ones((3, 3)))
