@@ -106,8 +106,10 @@ def _kernel(qlen_ref, klen_ref, q_ref, k_ref, o_ref, *, t, s, sq, sk, mq, mk, tq
     kj = j0 + lax.broadcasted_iota(jnp.int32, (1, tk), 1)  # key block of each column
 
     def compute():
+        shift = mk.bit_length() - 1  # mk divides a power-of-2 block size: a power of 2 itself
+
         def step(idx, acc):
-            a, b = idx // mk, idx % mk
+            a, b = lax.shift_right_logical(idx, jnp.int32(shift)), lax.bitwise_and(idx, jnp.int32(mk - 1))
             q = q_ref[a]  # [tq, d]
             k = k_ref[b]  # [tk, d]
             sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
@@ -116,7 +118,7 @@ def _kernel(qlen_ref, klen_ref, q_ref, k_ref, o_ref, *, t, s, sq, sk, mq, mk, tq
                           causal=causal)
             return jnp.maximum(acc, jnp.where(ok, sc, NEG_INF))
 
-        acc = lax.fori_loop(0, mq * mk, step, jnp.full((tq, tk), NEG_INF, jnp.float32))
+        acc = lax.fori_loop(jnp.int32(0), jnp.int32(mq * mk), step, jnp.full((tq, tk), NEG_INF, jnp.float32))
         o_ref[...] = jnp.where(acc > NEG_INF / 2, acc, 0.0)
 
     if causal:  # the tile's first key token against its last query token

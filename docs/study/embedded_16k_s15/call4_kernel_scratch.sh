@@ -11,9 +11,11 @@ tar xzf runs/carry/corpus.tgz -C runs/carry
 tar xJf runs/carry/bundle/bg.txz -C runs carry/base16
 export SEERJAX_CORPUS=$PWD/runs/carry/corpus
 t0=$(date +%s)
-timeout 120 python3 -m pytest -q -m gpu tests/test_sub_block_scores.py tests/test_gate.py 2>&1 | tail -n 4
-timeout 120 python3 eval/bench_gate.py --lengths 32768,131072 --reps 20 --grains 4x4,8x8 --json $OUT/bench_gate.json > runs/bench.log 2>&1
-grep "^|" runs/bench.log | grep -v "pool\|k-th\|premasked\|compact" || tail -n 5 runs/bench.log
+timeout 150 python3 -m pytest -q -x -m gpu tests/test_sub_block_scores.py tests/test_gate.py > runs/gpu_tests.log 2>&1
+rc=$?; tail -n 30 runs/gpu_tests.log; cp runs/gpu_tests.log $OUT/
+if [[ $rc != 0 ]]; then echo "GPU tests failed (rc=$rc): stopping"; exit 1; fi
+timeout 150 python3 eval/bench_gate.py --lengths 32768,131072 --reps 20 --grains 4x4,8x8 --json $OUT/bench_gate.json > runs/bench.log 2>&1
+echo "bench rc=$?"; cp runs/bench.log $OUT/; grep "^|" runs/bench.log | grep -v "pool\|k-th\|premasked\|compact"; tail -n 3 runs/bench.log
 echo "tests+bench secs=$(( $(date +%s) - t0 ))"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 d() {  # steps
