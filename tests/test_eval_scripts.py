@@ -38,11 +38,12 @@ def test_benchmarks_parse_their_arguments(script):
 def test_bench_gate_runs_on_cpu(tmp_path):
     out = tmp_path / "gate.json"
     p = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_gate.py"), "--lengths", "256", "--reps", "1",
-                        "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+                        "--grains", "2x4", "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(out.read_text())["rows"]
     steps = {r["step"] for r in rows}
-    assert {"pool q (avg)", "gate, bf16 scores", "select_blocks (premasked)", "gate + select + lists"} <= steps
+    assert {"pool q (avg)", "gate, bf16 scores", "select_blocks (premasked)", "gate + select + lists",
+            "gate 2x4 sub-blocks, bf16 scores", "gate 2x4 + select + lists"} <= steps
     assert all(r["ms_per_layer"] > 0 for r in rows)
 
 
@@ -292,3 +293,28 @@ def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
             assert ("--keep-first" in c) == (expect == "--keep-first"), (select, c)
             if expect:
                 assert f"--no-progress {expect}" in c, c
+
+
+def test_study_distill_scores_at_8x8_sub_blocks_unless_told_otherwise(tmp_path):
+    """eval/study.sh distill passes --q-sub-blocks 8 --k-sub-blocks 8 to both distillations by default, and the
+    environment's grain when given (a stub stands in for seerjax)."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "sj"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f"echo \"$*\" >> {log}\n"
+        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '{}' > \"$2/metrics.jsonl\"; shift; done\n"
+    )
+    stub.chmod(0o755)
+    for grain, expect in ((None, ("8", "8")), (("1", "4"), ("1", "4"))):
+        env = dict(ENV, SEERJAX=str(stub))
+        if grain:
+            env["Q_SUB_BLOCKS"], env["K_SUB_BLOCKS"] = grain
+        p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "distill", str(tmp_path / "out")], env=env,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        assert len(calls) == 2 and all(c.startswith("distill ") for c in calls), calls
+        for c in calls:
+            assert f"--q-sub-blocks {expect[0]} --k-sub-blocks {expect[1]}" in c, c
