@@ -30,7 +30,7 @@ def _scores(rng, shape, kind):
     return jnp.asarray(x)
 
 
-@settings(max_examples=min(40, _CAP), deadline=None)
+@settings(max_examples=min(24, _CAP), deadline=None)
 @given(
     rows=st.integers(1, 70),
     n=st.integers(1, 300),
