@@ -105,11 +105,11 @@ def test_distributed_initialize_only_when_the_environment_asks():
         )
 
 
-def _attention_case(heads="query"):
+def _attention_case(heads="query", grain=(1, 1)):
     import seerjax.train.finetune  # noqa: F401  (registers seer_train)
 
     mc = ModelConfig(**TINY)
-    gc = gate_config_for_model(mc, block_size=16, d_gate=32, heads=heads)
+    gc = gate_config_for_model(mc, block_size=16, d_gate=32, heads=heads, q_sub_blocks=grain[0], k_sub_blocks=grain[1])
     graphdef, gate_state = nnx.split(AttnGate(gc, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     b, t = 4, 64
@@ -130,14 +130,15 @@ def _attention_case(heads="query"):
     return jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2, 3)), (q, k, v, gate_state)
 
 
-@pytest.mark.parametrize("heads, mesh_spec, implementation", [
-    ("query", "data=2,tensor=2", "reference"),
-    ("kv", "fsdp=2,tensor=2", "pallas_interpret"),
+@pytest.mark.parametrize("heads, mesh_spec, implementation, grain", [
+    ("query", "data=2,tensor=2", "reference", (1, 1)),
+    ("kv", "fsdp=2,tensor=2", "pallas_interpret", (1, 1)),
+    ("query", "fsdp=2,tensor=2", "reference", (4, 2)),  # gates scored at sub-block grain
 ])
-def test_attention_per_device_matches_unsharded_values_and_gradients(heads, mesh_spec, implementation):
+def test_attention_per_device_matches_unsharded_values_and_gradients(heads, mesh_spec, implementation, grain):
     """Gate, TopK and kernels under shard_map (batch × heads) give the unsharded loss and gradients, gates included;
     the Pallas kernels run per device inside shard_map."""
-    loss, args = _attention_case(heads)
+    loss, args = _attention_case(heads, grain)
     mesh = shd.make_mesh(mesh_spec)
     ref_value, ref_grads = loss(args, "seer_train", None, "reference")
     value, grads = loss(args, shd.sharded_attention("seer_train"), mesh, implementation)
