@@ -235,21 +235,32 @@ def test_bench_kernels_runs_on_cpu(tmp_path):
     assert "| 256 | block_sparse (kv masks) | 0.5 | fwd |" in p.stdout
 
 
-def test_study_pretrain_stages_pass_their_settings(tmp_path):
-    """eval/study.sh with STAGE1: a first pretrain at the shorter length, then the main one from its model, each
-    with its own length, steps, batch and lr and the shared preset and rope theta (a stub stands in for seerjax)."""
+def _seerjax_stub(tmp_path, writes: str):
+    """A stand-in for the seerjax command: logs each call's arguments and writes `writes` ("metrics.jsonl" or
+    "results.md") into the directory after --out. Returns (stub, log)."""
     log = tmp_path / "calls.log"
     stub = tmp_path / "sj"
+    content = "{}" if writes == "metrics.jsonl" else "| x |"
     stub.write_text(
         "#!/usr/bin/env bash\n"
         f"echo \"$*\" >> {log}\n"
-        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '{}' > \"$2/metrics.jsonl\"; shift; done\n"
+        f"while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '{content}' > \"$2/{writes}\"; shift; done\n"
     )
     stub.chmod(0o755)
+    return stub, log
+
+
+def _study(stage: str, out, env):
+    return subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), stage, str(out)], env=env, capture_output=True, text=True)
+
+
+def test_study_pretrain_stages_pass_their_settings(tmp_path):
+    """eval/study.sh with STAGE1: a first pretrain at the shorter length, then the main one from its model, each
+    with its own length, steps, batch and lr and the shared preset and rope theta (a stub stands in for seerjax)."""
+    stub, log = _seerjax_stub(tmp_path, "metrics.jsonl")
     env = dict(ENV, SEERJAX=str(stub), SEQ="16384", STAGE1="8192:2800:8:2e-3", PRETRAIN_STEPS="1500",
                PRETRAIN_BATCH="4", PRETRAIN_LR="1e-3", ROPE_THETA="20000", PRESET="tiny", RETRIEVAL_MIN_FRACTION="0.5")
-    p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "pretrain", str(tmp_path / "out")], env=env,
-                       capture_output=True, text=True)
+    p = _study("pretrain", tmp_path / "out", env)
     assert p.returncode == 0, p.stderr
     first, main = log.read_text().splitlines()
     out = tmp_path / "out"
@@ -261,8 +272,7 @@ def test_study_pretrain_stages_pass_their_settings(tmp_path):
 
     log.unlink()
     env["STAGE1"] = "8192:2800"
-    p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "pretrain", str(tmp_path / "bad")], env=env,
-                       capture_output=True, text=True)
+    p = _study("pretrain", tmp_path / "bad", env)
     assert p.returncode == 2 and "STAGE1 must be SEQ:STEPS:BATCH:LR" in p.stderr and "'8192:2800'" in p.stderr
     assert not log.exists()
 
@@ -270,20 +280,12 @@ def test_study_pretrain_stages_pass_their_settings(tmp_path):
 def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
     """eval/study.sh eval passes --dense-last-rows 1 to every evaluation by default; SELECT="" passes none and
     SELECT="--keep-first" passes exactly that (a stub stands in for seerjax)."""
-    log = tmp_path / "calls.log"
-    stub = tmp_path / "sj"
-    stub.write_text(
-        "#!/usr/bin/env bash\n"
-        f"echo \"$*\" >> {log}\n"
-        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '| x |' > \"$2/results.md\"; shift; done\n"
-    )
-    stub.chmod(0o755)
+    stub, log = _seerjax_stub(tmp_path, "results.md")
     for select, expect in ((None, "--dense-last-rows 1"), ("", None), ("--keep-first", "--keep-first")):
         env = dict(ENV, SEERJAX=str(stub))
         if select is not None:
             env["SELECT"] = select
-        p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "eval", str(tmp_path / "out")], env=env,
-                           capture_output=True, text=True)
+        p = _study("eval", tmp_path / "out", env)
         assert p.returncode == 0, p.stderr
         calls = log.read_text().splitlines()
         log.unlink()
@@ -298,20 +300,12 @@ def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
 def test_study_distill_scores_at_8x8_sub_blocks_unless_told_otherwise(tmp_path):
     """eval/study.sh distill passes --q-sub-blocks 8 --k-sub-blocks 8 to both distillations by default, and the
     environment's grain when given (a stub stands in for seerjax)."""
-    log = tmp_path / "calls.log"
-    stub = tmp_path / "sj"
-    stub.write_text(
-        "#!/usr/bin/env bash\n"
-        f"echo \"$*\" >> {log}\n"
-        "while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p \"$2\" && echo '{}' > \"$2/metrics.jsonl\"; shift; done\n"
-    )
-    stub.chmod(0o755)
+    stub, log = _seerjax_stub(tmp_path, "metrics.jsonl")
     for grain, expect in ((None, ("8", "8")), (("1", "4"), ("1", "4"))):
         env = dict(ENV, SEERJAX=str(stub))
         if grain:
             env["Q_SUB_BLOCKS"], env["K_SUB_BLOCKS"] = grain
-        p = subprocess.run(["bash", str(ROOT / "eval" / "study.sh"), "distill", str(tmp_path / "out")], env=env,
-                           capture_output=True, text=True)
+        p = _study("distill", tmp_path / "out", env)
         assert p.returncode == 0, p.stderr
         calls = log.read_text().splitlines()
         log.unlink()
