@@ -184,6 +184,29 @@ def test_sub_block_scores_in_query_chunks_match_scoring_all_at_once(monkeypatch,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("heads", ["query", "kv"])
+def test_sub_block_gate_on_a_suffix_of_queries_gives_the_full_gates_last_rows(heads):
+    """Chunked prefill (queries a block-aligned suffix of the keys, bottom-right aligned) and decoding one token
+    score like the last rows of the whole sequence's gate: same sub-block pooling, RoPE positions and causal pairs."""
+    from seerjax.config import RopeConfig
+    from seerjax.rope import apply_rope, rope_frequencies
+
+    cfg = _cfg(q_sub_blocks=4, k_sub_blocks=2, heads=heads, q_pooling=("avg", "max"))
+    gate = AttnGate(cfg, rngs=nnx.Rngs(10))
+    inv, sc = rope_frequencies(RopeConfig(theta=10000.0), cfg.d_gate)
+    rope = lambda x, pos: apply_rope(x, pos, inv, sc)
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.normal(size=(1, 80, 4, 32)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(1, 80, 2, 32)).astype(np.float32))
+    full = np.asarray(gate(q, k, rope=rope, score_dtype=jnp.float32))
+    suffix = np.asarray(gate(q[:, 48:], k, rope=rope, score_dtype=jnp.float32))  # the last 2 of 5 query blocks
+    np.testing.assert_allclose(suffix, full[:, :, 3:], rtol=1e-4, atol=1e-4)
+    # One decoded token (the last): its block logit is the max over its own sub-block against every allowed key pair.
+    one = np.asarray(gate(q[:, 79:], k, rope=rope, score_dtype=jnp.float32))
+    assert one.shape[2] == 1 and np.isfinite(one).all()
+    assert np.all(one[0, :, 0, :] > -1e29)  # every key block is visible to the last token
+
+
 def test_targets_normalize_rows_and_take_group_max_for_kv_gates():
     pooled = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 4, 3, 3)).astype(np.float32))
     pooled = pooled * jnp.tril(jnp.ones((3, 3)))
