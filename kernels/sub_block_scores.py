@@ -141,11 +141,12 @@ def _tile(n: int) -> int:
     return max(16, min(64, 1 << max(0, (n - 1).bit_length())))
 
 
-def _pallas_forward(qg, kg, q_len, k_len, *, t, s, sq, sk, mq, mk, causal, interpret):
+def _pallas_forward(qg, kg, q_len, k_len, *, t, s, sq, sk, mq, mk, causal, interpret, launch=None):
+    """`launch` = (tq, tk, num_warps, num_stages) overrides the launch shape (for tuning)."""
     b, nqm, h, d = qg.shape
     nkm, hk = kg.shape[1], kg.shape[2]
     nq, nk = nqm // mq, nkm // mk
-    tq, tk = _tile(nq), _tile(nk)
+    tq, tk, warps, stages = (_tile(nq), _tile(nk), 4, 2) if launch is None else launch
     nq_p, nk_p = -(-nq // tq) * tq, -(-nk // tk) * tk
     # Sub-block major: [B, H, m, n, d], padded to whole tiles (padded blocks start past t, s: invalid).
     qs = jnp.pad(qg.reshape(b, nq, mq, h, d).transpose(0, 3, 2, 1, 4), ((0, 0),) * 3 + ((0, nq_p - nq), (0, 0)))
@@ -163,7 +164,7 @@ def _pallas_forward(qg, kg, q_len, k_len, *, t, s, sq, sk, mq, mk, causal, inter
         ],
         out_specs=pl.BlockSpec((None, None, tq, tk), lambda bb, hh, i, j: (bb, hh, i, j)),
         out_shape=jax.ShapeDtypeStruct((b, h, nq_p, nk_p), jnp.float32),
-        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="seerjax_sub_block_scores",
     )(q_len, k_len, qs, ks)
