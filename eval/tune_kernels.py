@@ -5,6 +5,8 @@
 * ``hopper``: the Mosaic GPU block-sparse forward's ring depth (``stages``), compute warpgroups per CTA, query
   tiles per warpgroup and the ping-pong schedule, against the Triton kernel on the same mask;
 * ``backward``: the Mosaic GPU backward (`kernels/hopper_bwd.py`) against the Triton one and cuDNN's;
+* ``sub_block``: the gate's sub-block score kernel (`kernels/sub_block_scores.py`): query / key blocks per program,
+  warps and stages (``--tiles`` as for pooled), each launch's output checked against the default launch's;
 * ``items``: the Mosaic GPU forward's cost per work item and per step: per-KV-head masks with the same number of
   blocks in every row (the diagonal and k - 1 earlier ones at random), for several k; a least-squares line through
   (mean steps per item, µs per item) gives the per-step cost (slope) and what an item costs besides its steps
@@ -18,6 +20,7 @@ Llama-3-8B attention shape (32 q / 8 kv heads, D 128, bf16, causal, block 64), B
     python eval/tune_kernels.py backward --length 32768 --densities 0.1 --json OUT/backward.json
     python eval/tune_kernels.py backward --densities 0.1 --bwd-plans first,dq2,loop,dq2-loop-noab --parts
     python eval/tune_kernels.py items --length 32768 --counts 2,8,16,32 --launches c2-fast-pp-pers132-hm-lr
+    python eval/tune_kernels.py sub_block --length 131072 --grain 8x8 --json OUT/tune_sub_block.json
 """
 
 from __future__ import annotations
@@ -107,6 +110,46 @@ def sweep_pooled(t: int, tiles=None, rounds: int = 1, launches=None) -> list[dic
                              "vs_cudnn": ms / cudnn, "default": False})
                 print(f"round {r} pooled, Mosaic GPU {key}: {ms:.3f} ms ({ms / cudnn:.2f}× cuDNN {cudnn:.3f})",
                       flush=True)
+    return rows
+
+
+def sweep_sub_block(t: int, grain: tuple[int, int], tiles=None) -> list[dict]:
+    """Launch shapes (tq, tk, warps, stages) of the sub-block score kernel for a per-query-head gate (d_gate 128) at
+    `grain` sub-blocks per block. Every launch's logits are checked against the default launch's; one that
+    differs by more than 1e-3 of their largest magnitude gets no time (NaN). Interpret mode off the GPU (for tests:
+    small lengths only)."""
+    from seerjax.kernels import sub_block_scores as sbs
+
+    mq, mk = grain
+    n = -(-t // BS)
+    qg = jax.random.normal(jax.random.key(0), (1, n * mq, HQ, D), jnp.bfloat16)
+    kg = jax.random.normal(jax.random.key(1), (1, n * mk, HKV, D), jnp.bfloat16)
+    length = jnp.full((1,), t, jnp.int32)
+    interpret = jax.default_backend() != "gpu"
+    default = (sbs._tile(n), sbs._tile(n), 4, 2)
+    if tiles is None:
+        launches = [default] + [x for x in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)) if x != default]
+    else:
+        launches = [default] + [x for x in ((tl.block_q, tl.block_k, tl.num_warps, tl.num_stages) for tl in tiles) if x != default]
+
+    def make(launch):
+        return jax.jit(lambda q, k: sbs._pallas_forward(q, k, length, length, t=t, s=t, sq=BS // mq, sk=BS // mk, mq=mq,
+                                                        mk=mk, causal=True, interpret=interpret, launch=launch))
+
+    want = make(default)(qg, kg)
+    rows = []
+    for launch in launches:
+        fn = make(launch)
+        ms = _time(fn, qg, kg)
+        diff = None
+        if ms == ms:  # float32 accumulation order may differ with the tile shape: compare to a tolerance
+            diff = float(jnp.max(jnp.abs(fn(qg, kg) - want)))
+        agrees = diff is None or diff <= 1e-3 * float(jnp.max(jnp.abs(want)))
+        rows.append({"kernel": "sub_block", "grain": f"{mq}x{mk}", "tq": launch[0], "tk": launch[1], "warps": launch[2],
+                     "stages": launch[3], "ms": ms if agrees else float("nan"), "max_abs_diff": diff,
+                     "default": launch == default})
+        print(f"sub_block {mq}x{mk} tq={launch[0]} tk={launch[1]} warps={launch[2]} stages={launch[3]}: {ms:.3f} ms"
+              f"{'' if agrees else f'  OUTPUT DIFFERS by {diff}'}{'  (default)' if launch == default else ''}", flush=True)
     return rows
 
 
@@ -354,10 +397,10 @@ def _backward_parts(plan, residuals, do) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", choices=("pooled", "hopper", "backward", "items"))
+    p.add_argument("kernel", choices=("pooled", "hopper", "backward", "items", "sub_block"))
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--densities", default="0.1,0.5", help="hopper and backward only")
-    p.add_argument("--tiles", default=None, help="pooled only: these tiles, e.g. 128x64x4x2,128x64x8x3 (default: all)")
+    p.add_argument("--tiles", default=None, help="pooled and sub_block: these tiles, e.g. 128x64x4x2,128x64x8x3 (default: all)")
     p.add_argument("--rounds", type=int, default=1, help="pooled only: time cuDNN and every tile this many times")
     p.add_argument("--launches", default=None,
                    help="hopper (and pooled: the Mosaic GPU pooled forward's launches): these launches (e.g. c2,c2-pp,c2-fast; see parse_launches) with cuDNN in the same "
@@ -367,6 +410,7 @@ def main(argv=None) -> int:
                    help="backward only: Mosaic GPU backward plans, e.g. first,dq2-loop-noab,tuned (see parse_bwd_plans)")
     p.add_argument("--parts", action="store_true", help="backward only: time each plan's pieces alone too")
     p.add_argument("--counts", default="2,8,16,32", help="items only: blocks per row, e.g. 2,8,16,32")
+    p.add_argument("--grain", default="8x8", help="sub_block only: query x key sub-blocks per block, e.g. 8x8")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -380,6 +424,11 @@ def main(argv=None) -> int:
             p.error(f"--masks: expected query and/or kv, got {args.masks!r}")
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")],
                             parse_launches(args.launches) if args.launches else None, masks, args.rounds)
+    elif args.kernel == "sub_block":
+        grain = tuple(int(x) for x in args.grain.split("x") if x.isdigit())
+        if len(grain) != 2 or min(grain) < 1 or BS % grain[0] or BS % grain[1]:
+            p.error(f"--grain: expected QxK sub-blocks dividing the block ({BS}), e.g. 8x8, got {args.grain!r}")
+        rows = sweep_sub_block(args.length, grain, parse_tiles(args.tiles) if args.tiles else None)
     elif args.kernel == "items":
         try:
             counts = [int(x) for x in args.counts.split(",") if x]

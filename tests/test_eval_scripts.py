@@ -90,6 +90,21 @@ def test_gap_by_position_names_bad_edges():
     assert p.returncode == 2 and "--edges must rise strictly from 0 and stay below --seq-len=1024, got '0,2048'" in p.stderr
 
 
+def test_tune_kernels_sweeps_the_sub_block_kernel_on_cpu(tmp_path):
+    """`tune_kernels.py sub_block` times launches (interpret mode here) and checks each against the default's."""
+    out = tmp_path / "tune.json"
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "tune_kernels.py"), "sub_block", "--length", "1024",
+                        "--grain", "2x4", "--tiles", "16x32x4x2", "--json", str(out)],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tq"], r["tk"], r["default"]) for r in rows] == [(16, 16, True), (16, 32, False)], rows
+    assert all(r["ms"] > 0 and r["max_abs_diff"] <= 1e-3 for r in rows), rows
+    p = subprocess.run([sys.executable, str(ROOT / "eval" / "tune_kernels.py"), "sub_block", "--grain", "3x8"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 2 and "--grain" in p.stderr and "'3x8'" in p.stderr
+
+
 def test_tune_kernels_parses_launches_and_backward_plans():
     sys.path.insert(0, str(ROOT / "eval"))
     try:
