@@ -283,3 +283,24 @@ def test_wrong_gate_files_are_refused(tmp_path):
     (tmp_path / "gates.safetensors").write_bytes(b"garbage")
     with pytest.raises(GateConfigError, match="cannot read"):
         gates_io.load_gate_tensors(str(tmp_path), cfg)
+
+
+def test_gates_load_at_another_scoring_grain_and_nothing_else_may_differ(tmp_path):
+    """`load_gates(model, dir, config=)` attaches saved gates at another sub-block grain with the same tensors;
+    a config that differs in anything else is refused by name."""
+    from seerjax.config import ModelConfig
+    from seerjax.model import LlamaModel
+
+    mc = ModelConfig(model_type="llama", vocab_size=257, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=32)
+    cfg = _cfg(q_pooling=("avg", "max"))
+    gates = [AttnGate(cfg, rngs=nnx.Rngs(i)) for i in range(cfg.num_layers)]
+    gates_io.save_gates(str(tmp_path), gates, cfg)
+    model = LlamaModel(mc, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    fine = _cfg(q_pooling=("avg", "max"), q_sub_blocks=4, k_sub_blocks=8)
+    assert gates_io.load_gates(model, str(tmp_path), config=fine) == fine
+    for layer, saved in zip(model.layers, gates):
+        assert layer.attn.gate.config == fine
+        np.testing.assert_array_equal(np.asarray(layer.attn.gate.mask_linear_k[...]), np.asarray(saved.mask_linear_k[...]))
+    with pytest.raises(GateConfigError, match="more than q_sub_blocks / k_sub_blocks"):
+        gates_io.load_gates(model, str(tmp_path), config=_cfg(q_pooling=("avg", "max"), d_gate=16))
