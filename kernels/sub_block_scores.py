@@ -61,9 +61,22 @@ def _allowed(q_first, k_first, *, t, s, sq, q_len, k_len, causal: bool):
     return ok
 
 
+def _valid_lengths(b: int, t: int, s: int, lengths):
+    """Valid query and key tokens per sequence, int32 `[B]` each (right padding: `lengths`, capped at t and s)."""
+    if lengths is None:
+        return jnp.full((b,), t, jnp.int32), jnp.full((b,), s, jnp.int32)
+    lengths = lengths.astype(jnp.int32)
+    return jnp.minimum(lengths, t), jnp.minimum(lengths, s)
+
+
 def sub_block_scores_xla(qg, kg, *, t, s, sq, sk, mq, mk, lengths=None, causal=True):
     """XLA version: scores `[.., nq·mq, nk·mk]` in float32, masked, max-reduced; chunked past SCORE_BYTES."""
     _check(qg, kg, t, s, sq, sk, mq, mk)
+    q_len, k_len = _valid_lengths(qg.shape[0], t, s, lengths)
+    return _xla_scores(qg, kg, q_len, k_len, t=t, s=s, sq=sq, sk=sk, mq=mq, mk=mk, causal=causal)
+
+
+def _xla_scores(qg, kg, q_len, k_len, *, t, s, sq, sk, mq, mk, causal):
     b, nqm, h, d = qg.shape
     if kg.shape[2] != h:
         kg = jnp.repeat(kg, h // kg.shape[2], axis=2)
@@ -77,8 +90,6 @@ def sub_block_scores_xla(qg, kg, *, t, s, sq, sk, mq, mk, lengths=None, causal=T
         qg = jnp.pad(qg, ((0, 0), (0, pad * mq), (0, 0), (0, 0)))
     q_first = jnp.arange((nq + pad) * mq) * sq  # padded sub-blocks start past t: invalid, sliced off below
     k_first = jnp.arange(nkm) * sk
-    q_len = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    k_len = jnp.full((b,), s, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     precision = lax.Precision.HIGHEST if qg.dtype == jnp.float32 else None
 
     def score(args):
@@ -178,15 +189,14 @@ def _scores(qg, kg, q_len, k_len, t, s, sq, sk, mq, mk, causal, interpret):
 
 def _scores_fwd(qg, kg, q_len, k_len, t, s, sq, sk, mq, mk, causal, interpret):
     out = _scores(qg, kg, q_len, k_len, t, s, sq, sk, mq, mk, causal, interpret)
-    return out, (qg, kg, q_len)
+    return out, (qg, kg, q_len, k_len)
 
 
 def _scores_bwd(t, s, sq, sk, mq, mk, causal, interpret, res, g):
-    qg, kg, q_len = res
-    lengths = q_len if t == s else None
+    qg, kg, q_len, k_len = res
 
     def xla(q_, k_):
-        return sub_block_scores_xla(q_, k_, t=t, s=s, sq=sq, sk=sk, mq=mq, mk=mk, lengths=lengths, causal=causal)
+        return _xla_scores(q_, k_, q_len, k_len, t=t, s=s, sq=sq, sk=sk, mq=mq, mk=mk, causal=causal)
 
     _, vjp = jax.vjp(xla, qg, kg)
     dq, dk = vjp(g)
@@ -218,7 +228,5 @@ def sub_block_scores(qg, kg, *, t, s, sq, sk, mq, mk, lengths=None, causal=True,
         return sub_block_scores_xla(qg, kg, t=t, s=s, sq=sq, sk=sk, mq=mq, mk=mk, lengths=lengths, causal=causal)
     if implementation not in ("pallas", "pallas_interpret"):
         raise SubBlockScoreError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    b = qg.shape[0]
-    q_len = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths.astype(jnp.int32), t)
-    k_len = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.minimum(lengths.astype(jnp.int32), s)
+    q_len, k_len = _valid_lengths(qg.shape[0], t, s, lengths)
     return _scores(qg, kg.astype(qg.dtype), q_len, k_len, t, s, sq, sk, mq, mk, causal, implementation == "pallas_interpret")
