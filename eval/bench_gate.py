@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from seerjax.kernels.topk import kth_largest
 
     from seerjax.config import RopeConfig
-    from seerjax.gate import AttnGate, GateConfig, pool_blocks
+    from seerjax.gate import AttnGate, GateConfig, GateConfigError, parse_grain, pool_blocks
     from seerjax.rope import apply_rope, rope_frequencies
     from seerjax.selection import SelectionConfig, row_k, select_blocks
 
@@ -53,9 +53,9 @@ def main(argv=None) -> int:
         return apply_rope(x, pos, inv, sc)
 
     try:
-        grains = [tuple(int(v) for v in g.split("x")) for g in args.grains.split(",") if g]
+        grains = [parse_grain(g) for g in args.grains.split(",") if g]
         fine_gates = {g: AttnGate(dataclasses.replace(gcfg, q_sub_blocks=g[0], k_sub_blocks=g[1]), rngs=nnx.Rngs(0)) for g in grains}
-    except ValueError as e:
+    except GateConfigError as e:
         p.error(f"--grains must be like 4x4,8x8 with sub-blocks dividing {bs}: {e}")
     sel = SelectionConfig(density=args.density)
     dev = jax.devices()[0]

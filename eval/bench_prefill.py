@@ -63,11 +63,12 @@ def main(argv=None) -> int:
 
     from seerjax.selection import SelectionConfig, select_blocks
 
+    from seerjax.gate import GateConfigError, parse_grain
+
     try:
-        grain = tuple(int(v) for v in args.grain.split("x"))
-        assert len(grain) == 2
-    except (ValueError, AssertionError):
-        p.error(f"--grain must be like 8x8, got {args.grain!r}")
+        grain = parse_grain(args.grain)
+    except GateConfigError as e:
+        p.error(f"--grain: {e}")
     cfg, model, gate_cfg = llama8b_with_gates(args.layers, args.gate_heads, grain)
     graphdef, state = nnx.split(model)
 

@@ -425,8 +425,13 @@ def main(argv=None) -> int:
         rows = sweep_hopper(args.length, [float(x) for x in args.densities.split(",")],
                             parse_launches(args.launches) if args.launches else None, masks, args.rounds)
     elif args.kernel == "sub_block":
-        grain = tuple(int(x) for x in args.grain.split("x") if x.isdigit())
-        if len(grain) != 2 or min(grain) < 1 or BS % grain[0] or BS % grain[1]:
+        from seerjax.gate import GateConfigError, parse_grain
+
+        try:
+            grain = parse_grain(args.grain)
+        except GateConfigError as e:
+            p.error(f"--grain: {e}")
+        if BS % grain[0] or BS % grain[1]:
             p.error(f"--grain: expected QxK sub-blocks dividing the block ({BS}), e.g. 8x8, got {args.grain!r}")
         rows = sweep_sub_block(args.length, grain, parse_tiles(args.tiles) if args.tiles else None)
     elif args.kernel == "items":

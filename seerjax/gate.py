@@ -57,6 +57,14 @@ def parse_gate_type(gate_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         ) from None
 
 
+def parse_grain(text: str) -> tuple[int, int]:
+    """`"8x8"` → (8, 8): query × key sub-blocks per block (`q_sub_blocks`, `k_sub_blocks`)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise GateConfigError(f"a grain is QxK positive sub-block counts, e.g. 8x8, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _split_poolings(s: str) -> tuple[str, ...]:
     out = []
     while s:
@@ -115,6 +123,11 @@ class GateConfig:
             raise GateConfigError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+
+    def same_but_grain(self, other: "GateConfig") -> bool:
+        """Whether `other` differs from this config at most in the scoring grain (q_sub_blocks, k_sub_blocks):
+        then the gates' tensors are interchangeable."""
+        return dataclasses.replace(self, q_sub_blocks=other.q_sub_blocks, k_sub_blocks=other.k_sub_blocks) == other
 
     @property
     def gate_type(self) -> str:
@@ -261,10 +274,10 @@ class AttnGate(nnx.Module):
             )
         if c.qk_norm:
             qg, kg = _rms_norm(qg), _rms_norm(kg)
-        if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(t) + (s - t), (b, t))
-        q_pos = _sub_block_starts(positions_bt, sq, nq * mq)
         if rope is not None:
+            if positions_bt is None:
+                positions_bt = jnp.broadcast_to(jnp.arange(t) + (s - t), (b, t))
+            q_pos = _sub_block_starts(positions_bt, sq, nq * mq)
             k_pos = jnp.broadcast_to(jnp.arange(nk * mk) * sk, (b, nk * mk))
             qg, kg = rope(qg, q_pos), rope(kg, k_pos)
         sdt = jnp.dtype(q_bthd.dtype if score_dtype is None else score_dtype)

@@ -226,20 +226,16 @@ def load_gates(model, gates_dir: str, config: GateConfig | None = None):
     `config` attaches them with other sub-block settings (the scoring grain; the tensors are the same) than the
     directory's; every other setting must agree with the directory's.
     """
-    import dataclasses
-
     import jax.numpy as jnp
 
     found = read_gate_config(gates_dir)
     if config is None:
         config = found
-    else:
-        grain = {f: getattr(config, f) for f in ("q_sub_blocks", "k_sub_blocks")}
-        if dataclasses.replace(found, **grain) != config:
-            raise GateConfigError(
-                f"the gates in {gates_dir!r} were made with {found.to_dict()}, which differs from the requested "
-                f"{config.to_dict()} in more than q_sub_blocks / k_sub_blocks"
-            )
+    elif not found.same_but_grain(config):
+        raise GateConfigError(
+            f"the gates in {gates_dir!r} were made with {found.to_dict()}, which differs from the requested "
+            f"{config.to_dict()} in more than q_sub_blocks / k_sub_blocks"
+        )
     mc = model.config
     check_gates_fit_model(
         config, num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim

@@ -16,6 +16,7 @@ from seerjax.gate import (
     gate_kl_loss,
     gate_targets,
     parse_gate_type,
+    parse_grain,
     pool_blocks,
 )
 
@@ -241,6 +242,10 @@ def test_bad_gate_settings_are_named():
     with pytest.raises(GateConfigError, match="gate_type"):
         parse_gate_type("avg_max")
     assert parse_gate_type("Qavg_Kmaxminavg") == (("avg",), ("max", "min", "avg"))
+    assert parse_grain("8x4") == (8, 4)
+    for bad in ("8", "0x4", "ax4", "8x8x8", "-1x2"):
+        with pytest.raises(GateConfigError, match=f"QxK.*{bad!r}"):
+            parse_grain(bad)
 
 
 @pytest.mark.parametrize("d_gate,heads", [(32, "query"), (64, "query"), (32, "kv")])

@@ -173,8 +173,7 @@ def _warm_start(model, gate_config: GateConfig, gates_dir: str) -> None:
     if not os.path.isdir(gates_dir):
         raise DistillError(f"init_gates={gates_dir!r} is not a directory (expected a gates directory with gate_config.json)")
     found = read_gate_config(gates_dir)
-    grain = ("q_sub_blocks", "k_sub_blocks")  # the scoring grain: parameters keep their shapes across it
-    if dataclasses.replace(found, **{f: getattr(gate_config, f) for f in grain}).to_dict() != gate_config.to_dict():
+    if not found.same_but_grain(gate_config):  # the scoring grain may differ: the tensors keep their shapes
         raise DistillError(
             f"init_gates={gates_dir!r} holds gates made with other settings ({found.to_dict()}) than this run's "
             f"({gate_config.to_dict()}); match --gate-heads, --d-gate, --gate-type and --block-size to them"
