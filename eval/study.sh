@@ -23,6 +23,7 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-5400}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
 PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
 ROPE_THETA=${ROPE_THETA:-10000}  # 500000 was tried at 16k and set retrieval back (docs/results.md, thirteenth session)
+ROPE_SCALING=${ROPE_SCALING:-}  # the main stage's RoPE extension after STAGE1, e.g. llama3:2 (seerjax pretrain --rope-scaling)
 STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a shorter length (the 16k study: 8192:2800:8:2e-3)
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
 RETRIEVAL_MIN_FRACTION=${RETRIEVAL_MIN_FRACTION:-0.125}  # the main stage's synthetic documents: this fraction of SEQ to all of it
@@ -63,6 +64,9 @@ if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
       "${pretrain_args[@]}"
     tail -n 1 "$out/base_stage1/metrics.jsonl"
     init=(--init-model "$out/base_stage1/model")
+  fi
+  if [[ -n $ROPE_SCALING ]]; then
+    init+=(--rope-scaling "$ROPE_SCALING")
   fi
   echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
   $SJ pretrain --out "$out/base" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" \

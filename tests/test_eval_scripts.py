@@ -285,6 +285,13 @@ def test_study_pretrain_stages_pass_their_settings(tmp_path):
     assert main.endswith(f"--init-model {out}/base_stage1/model") and "--init-model" not in first
     assert all("--preset tiny --rope-theta 20000" in c for c in (first, main))
 
+    log.unlink()  # ROPE_SCALING extends the main stage's context; the first stage keeps plain RoPE
+    p = _study("pretrain", tmp_path / "scaled", dict(env, ROPE_SCALING="llama3:2"))
+    assert p.returncode == 0, p.stderr
+    first, main = log.read_text().splitlines()
+    assert main.endswith(f"--init-model {tmp_path}/scaled/base_stage1/model --rope-scaling llama3:2")
+    assert "--rope-scaling" not in first
+
     log.unlink()
     env["STAGE1"] = "8192:2800"
     p = _study("pretrain", tmp_path / "bad", env)

@@ -82,6 +82,7 @@ def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path):
     """--init-model: a pretrain at a longer length continues from one at a shorter length (lr 0 keeps the
     parameters exactly), and a model of another architecture, or no model, is refused by name."""
     import jax
+    import jax.numpy as jnp
 
     import seerjax
     from seerjax.errors import MissingFileError
@@ -104,6 +105,16 @@ def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path):
     assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
                    zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(c, nnx.Param))))
 
+    # a longer stage may extend the context by a RoPE scaling: same parameters, the new RoPE in the export
+    scaled = pretrain(PretrainSettings(out=str(tmp_path / "scaled"), seq_len=96, lr=0.0, init_model=short["model"],
+                                       rope_scaling="llama3:3", **base), docs=docs)
+    d = seerjax.from_pretrained(scaled["model"], dtype="float32")
+    assert (d.config.rope.rope_type, d.config.rope.factor, d.config.rope.original_max_position_embeddings) == ("llama3", 3.0, 32)
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(d, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    tokens = jnp.asarray(rng.integers(97, 105, size=(1, 80)))
+    assert not np.allclose(np.asarray(a(tokens)), np.asarray(d(tokens)), atol=1e-4)  # positions past 32 rotate less
+
     with pytest.raises(PretrainError, match="hidden_size: 64 there, 128 here"):
         pretrain(PretrainSettings(out=str(tmp_path / "mini"), **{**base, "preset": "mini"}, seq_len=32,
                                   init_model=short["model"]), docs=docs)
@@ -123,6 +134,32 @@ def test_bad_pretrain_settings():
     for f in (0, 1.2, "0.5", True):
         with pytest.raises(PretrainError, match=f"retrieval_min_fraction must be a number in \\(0, 1\\], got {f!r}"):
             PretrainSettings(out="x", retrieval_min_fraction=f)
+
+
+def test_pretrain_rope_scaling_reaches_the_model_config_and_bad_specs_are_refused():
+    from seerjax.cli import build_parser
+    from seerjax.rope import rope_frequencies
+    from seerjax.train.pretrain import model_config
+
+    args = build_parser()[0].parse_args(["pretrain", "--out", "x", "--seq-len", "16384", "--rope-scaling", "llama3:2"])
+    rope = model_config(PretrainSettings(out="x", seq_len=args.seq_len, rope_scaling=args.rope_scaling)).rope
+    assert (rope.rope_type, rope.theta, rope.factor, rope.low_freq_factor, rope.high_freq_factor,
+            rope.original_max_position_embeddings) == ("llama3", 10000.0, 2.0, 1.0, 4.0, 8192)
+    inv, _ = rope_frequencies(rope, 64)
+    base, _ = rope_frequencies(model_config(PretrainSettings(out="x", seq_len=8192)).rope, 64)
+    wavelength = 2 * np.pi / base
+    np.testing.assert_allclose(inv[wavelength < 2048], base[wavelength < 2048])  # short wavelengths kept
+    np.testing.assert_allclose(inv[wavelength > 8192], base[wavelength > 8192] / 2, rtol=1e-6)  # long ones stretched
+    rope = model_config(PretrainSettings(out="x", seq_len=4096, rope_theta=5e4, rope_scaling="linear:4:1024")).rope
+    assert (rope.rope_type, rope.theta, rope.factor) == ("linear", 5e4, 4.0)
+    assert model_config(PretrainSettings(out="x", seq_len=4096, rope_scaling="yarn:2")).rope.original_max_position_embeddings == 2048
+    for spec, message in [("llama3", "TYPE:FACTOR\\[:ORIGINAL\\]"), ("ntk:2", "TYPE one of"),
+                          ("llama3:x", "FACTOR must be a number"), ("llama3:1", "FACTOR must be a finite number > 1"),
+                          ("llama3:nan", "FACTOR must be a finite number > 1"),
+                          ("llama3:2:4096", "ORIGINAL must be an integer from 16 to below seq_len=4096"),
+                          ("llama3:2:8", "got 8"), ("llama3:2:1.5", "ORIGINAL an integer")]:
+        with pytest.raises(PretrainError, match=f"rope_scaling.*{message}"):
+            PretrainSettings(out="x", seq_len=4096, rope_scaling=spec)
 
 
 def test_pretrain_rope_theta_reaches_the_model_config():

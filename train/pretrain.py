@@ -51,6 +51,7 @@ class PretrainSettings:
     retrieval_docs: int = 2000
     retrieval_min_fraction: float = SYNTHETIC_MIN_FRACTION  # synthetic documents: this fraction of seq_len to all of it
     rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # "TYPE:FACTOR[:ORIGINAL]" (see `rope_config`), e.g. a longer stage's llama3:2
     attention: str | None = None
     progress: bool = True
     init_model: str | None = None
@@ -68,6 +69,44 @@ class PretrainSettings:
             raise PretrainError(f"retrieval_min_fraction must be a number in (0, 1], got {f!r}")
         if self.seq_len < 16:
             raise PretrainError(f"seq_len must be at least 16, got {self.seq_len}")
+        rope_config(self.rope_theta, self.rope_scaling, self.seq_len)  # refuses a bad spec before any loading
+
+
+ROPE_SCALINGS = ("linear", "llama3", "yarn")
+
+
+def rope_config(theta: float, scaling: str | None, seq_len: int) -> RopeConfig:
+    """The RoPE of a pretraining run: base wavelength `theta`, and optionally a context-extension scaling.
+
+    `scaling` is "TYPE:FACTOR[:ORIGINAL]": TYPE linear, llama3 or yarn (`seerjax.rope`), FACTOR > 1 the length
+    ratio, ORIGINAL the context the starting model was trained at (default seq_len // FACTOR). llama3 takes
+    Llama 3.1's band edges (low_freq_factor 1, high_freq_factor 4): wavelengths longer than ORIGINAL are
+    stretched by FACTOR, those shorter than ORIGINAL / 4 are kept, so a stage at FACTOR times the length sees
+    its long distances at the angles the shorter stage trained, and its short ones unchanged.
+    """
+    if scaling is None:
+        return RopeConfig(theta=theta)
+    parts = scaling.split(":") if isinstance(scaling, str) else []
+    if len(parts) not in (2, 3) or parts[0] not in ROPE_SCALINGS:
+        raise PretrainError(f"rope_scaling must be TYPE:FACTOR[:ORIGINAL] with TYPE one of {ROPE_SCALINGS} "
+                            f"(e.g. llama3:2), got {scaling!r}")
+    try:
+        factor = float(parts[1])
+        original = int(parts[2]) if len(parts) == 3 else int(seq_len // factor) if factor > 0 else 0
+    except (ValueError, OverflowError):
+        raise PretrainError(f"rope_scaling {scaling!r}: FACTOR must be a number and ORIGINAL an integer") from None
+    if not (np.isfinite(factor) and factor > 1):
+        raise PretrainError(f"rope_scaling {scaling!r}: FACTOR must be a finite number > 1, got {parts[1]!r}")
+    if not 16 <= original < seq_len:
+        raise PretrainError(f"rope_scaling {scaling!r}: ORIGINAL must be an integer from 16 to below seq_len={seq_len} "
+                            f"(the shorter context the starting model was trained at), got {original}")
+    kind = parts[0]
+    kw = dict(rope_type=kind, theta=theta, factor=factor)
+    if kind == "llama3":
+        kw.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=original)
+    elif kind == "yarn":
+        kw.update(original_max_position_embeddings=original)
+    return RopeConfig(**kw)
 
 
 def model_config(s: PretrainSettings) -> ModelConfig:
@@ -78,7 +117,7 @@ def model_config(s: PretrainSettings) -> ModelConfig:
         vocab_size=ByteTokenizer.vocab_size,
         max_position_embeddings=max(s.seq_len, 2048),
         rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=s.rope_theta),
+        rope=rope_config(s.rope_theta, s.rope_scaling, s.seq_len),
         tie_word_embeddings=False,
         **PRESETS[s.preset],
     )
@@ -201,9 +240,10 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
             "seconds": time.perf_counter() - t_start, "params": sum(x.size for x in jax.tree.leaves(params))}
 
 
-# The fields a starting model (--init-model) must share with the preset; the length may differ.
+# The fields a starting model (--init-model) must share with the preset; the length and the RoPE may differ
+# (a longer stage may extend the context by a RoPE scaling or a larger theta).
 _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "rope", "attention_bias", "attention_out_bias", "qk_norm",
+                "num_kv_heads", "head_dim", "attention_bias", "attention_out_bias", "qk_norm",
                 "tie_word_embeddings", "hidden_act")
 
 

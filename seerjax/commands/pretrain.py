@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "needles far from their question")
     p.add_argument("--rope-theta", type=float, default=10000.0,
                    help="RoPE base wavelength (Llama 2: 10000; Llama 3: 500000, kinder to retrieval over long distances)")
+    p.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR[:ORIGINAL]",
+                   help="RoPE context extension for a longer stage after --init-model: TYPE linear, llama3 or yarn, "
+                        "FACTOR the length ratio, ORIGINAL the starting model's context (default --seq-len / FACTOR); "
+                        "e.g. llama3:2 from 8k to 16k (Llama 3.1's scaling)")
     p.add_argument("--attention", default=None, help="attention function (default: cudnn on GPU, reference on CPU)")
     p.add_argument("--init-model", default=None,
                    help="start from this model (HF directory of the same preset, e.g. OUT/model of a pretrain at a "
@@ -37,7 +41,7 @@ def run(args) -> int:
         out=args.out, preset=args.preset, data=args.data, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=args.warmup, save_every=args.save_every, seed=args.seed, dtype=args.dtype,
         retrieval_docs=args.retrieval_docs, retrieval_min_fraction=args.retrieval_min_fraction,
-        rope_theta=args.rope_theta, attention=args.attention, progress=not args.no_progress, init_model=args.init_model,
+        rope_theta=args.rope_theta, rope_scaling=args.rope_scaling, attention=args.attention, progress=not args.no_progress, init_model=args.init_model,
     )
     summary = pretrain(s)
     print(f"pretrained {summary['params']:,} parameters for {summary['steps']} steps in {summary['seconds']:.0f} s, "
