@@ -27,6 +27,7 @@ ROPE_SCALING=${ROPE_SCALING:-}  # the main stage's RoPE extension after STAGE1, 
 STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a shorter length (the 16k study: 8192:2800:8:2e-3)
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
 RETRIEVAL_MIN_FRACTION=${RETRIEVAL_MIN_FRACTION:-0.125}  # the main stage's synthetic documents: this fraction of SEQ to all of it
+PASSKEY_MIN_FRACTION=${PASSKEY_MIN_FRACTION:-}  # the main stage's passkey documents' own (seerjax pretrain --passkey-min-fraction)
 DISTILL_STEPS=${DISTILL_STEPS:-16000}
 DISTILL_LR=${DISTILL_LR:-1e-3}
 DISTILL_RETRIEVAL_DOCS=${DISTILL_RETRIEVAL_DOCS:-4000}
@@ -67,6 +68,9 @@ if [[ $stage == all || $stage == train || $stage == pretrain ]]; then
   fi
   if [[ -n $ROPE_SCALING ]]; then
     init+=(--rope-scaling "$ROPE_SCALING")
+  fi
+  if [[ -n $PASSKEY_MIN_FRACTION ]]; then
+    init+=(--passkey-min-fraction "$PASSKEY_MIN_FRACTION")
   fi
   echo "== pretrain ($PRESET, $SEQ tokens, $PRETRAIN_STEPS steps) $(date -u +%T)"
   $SJ pretrain --out "$out/base" --seq-len "$SEQ" --steps "$PRETRAIN_STEPS" --batch "$PRETRAIN_BATCH" --lr "$PRETRAIN_LR" \

@@ -286,11 +286,11 @@ def test_study_pretrain_stages_pass_their_settings(tmp_path):
     assert all("--preset tiny --rope-theta 20000" in c for c in (first, main))
 
     log.unlink()  # ROPE_SCALING extends the main stage's context; the first stage keeps plain RoPE
-    p = _study("pretrain", tmp_path / "scaled", dict(env, ROPE_SCALING="llama3:2"))
+    p = _study("pretrain", tmp_path / "scaled", dict(env, ROPE_SCALING="llama3:2", PASSKEY_MIN_FRACTION="1.0"))
     assert p.returncode == 0, p.stderr
     first, main = log.read_text().splitlines()
-    assert main.endswith(f"--init-model {tmp_path}/scaled/base_stage1/model --rope-scaling llama3:2")
-    assert "--rope-scaling" not in first
+    assert main.endswith(f"--init-model {tmp_path}/scaled/base_stage1/model --rope-scaling llama3:2 --passkey-min-fraction 1.0")
+    assert "--rope-scaling" not in first and "--passkey-min-fraction" not in first
 
     log.unlink()
     env["STAGE1"] = "8192:2800"

@@ -46,6 +46,13 @@ def test_synthetic_document_lengths_start_at_the_minimum_fraction():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=f"min_fraction must be in \\(0, 1\\], got {bad}"):
             corpus.synthetic_documents(texts, 2, 8000, min_fraction=bad)
+    # passkey documents (every third, from the first) at their own lengths; the others' lengths unchanged
+    full = corpus.synthetic_documents(texts, 60, 8000, seed=3, passkey_min_fraction=1.0)
+    assert all(len(d) == 8000 and "What is the pass key?" in d for d in full[::3])
+    assert [len(d) for i, d in enumerate(full) if i % 3] == [len(d) for i, d in enumerate(short) if i % 3]
+    assert full[1::3] == short[1::3]  # (key–value documents take no haystack: equal whole)
+    with pytest.raises(ValueError, match="passkey_min_fraction must be in \\(0, 1\\], got 0"):
+        corpus.synthetic_documents(texts, 2, 8000, passkey_min_fraction=0)
 
 
 def test_pretrain_tiny_resumes_and_exports_a_loadable_byte_model(tmp_path):
@@ -175,6 +182,7 @@ def test_pretrain_rope_theta_reaches_the_model_config():
 
 
 def test_pretrain_retrieval_min_fraction_sets_the_synthetic_lengths(tmp_path):
+    from seerjax.cli import build_parser
     from seerjax.train.pretrain import training_documents
 
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 2000)
@@ -184,6 +192,14 @@ def test_pretrain_retrieval_min_fraction_sets_the_synthetic_lengths(tmp_path):
     assert len(long) == 12 and max(long) <= 1024, long
     assert min(x for i, x in enumerate(long) if i % 3 != 1) >= 0.8 * 1024 - 1, long
     assert min(default) < 0.5 * 1024, default
+    full = training_documents(PretrainSettings(**{**s.__dict__, "passkey_min_fraction": 1.0}))[1]
+    assert [len(d) for d in full[::3]] == [1024] * 4 and all(bytes(np.asarray(d[-5:], np.uint8)).isdigit() for d in full[::3])
+    assert [len(d) for i, d in enumerate(full) if i % 3] == [x for i, x in enumerate(default) if i % 3]
+    args = build_parser()[0].parse_args(["pretrain", "--out", "x", "--passkey-min-fraction", "1"])
+    assert args.passkey_min_fraction == 1.0 and build_parser()[0].parse_args(["pretrain", "--out", "x"]).passkey_min_fraction is None
+    for f in (0, 1.5, "1"):
+        with pytest.raises(PretrainError, match=f"passkey_min_fraction must be a number in \\(0, 1\\], got {f!r}"):
+            PretrainSettings(out="x", passkey_min_fraction=f)
 
 
 def test_a_prepared_corpus_travels_through_seerjax_corpus(tmp_path, monkeypatch):

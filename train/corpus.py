@@ -188,15 +188,27 @@ SYNTHETIC_MIN_FRACTION = 0.125  # synthetic documents run from this fraction of 
 
 
 def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0,
-                        min_fraction: float = SYNTHETIC_MIN_FRACTION) -> list[str]:
+                        min_fraction: float = SYNTHETIC_MIN_FRACTION,
+                        passkey_min_fraction: float | None = None) -> list[str]:
     """n synthetic documents (passkey, key–value, copy, in turn) of `min_fraction` (default 1/8) to all of
     `max_chars` characters, haystacks cut from the first 2000 documents of `texts` (a dataset or list of dicts
-    with `text`)."""
-    if not 0.0 < min_fraction <= 1.0:
-        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
+    with `text`).
+
+    `passkey_min_fraction` (default: `min_fraction`) gives the passkey documents their own shortest length. A
+    needle sits at a uniform depth, so its distance from the question is spread over the document's length:
+    1.0 (every passkey document `max_chars` long) spreads distances evenly up to `max_chars`, where the default
+    lengths put about 4% of needles in the last quarter of that range.
+    """
+    for name, f in (("min_fraction", min_fraction), ("passkey_min_fraction", passkey_min_fraction)):
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {f!r}")
     sample = [texts[i]["text"] for i in range(min(len(texts), 2000))]
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max(int(max_chars * min_fraction), 64), max(max_chars, 64) + 1, size=n)
+    if passkey_min_fraction is not None:  # (the other kinds keep the lengths drawn above)
+        passkeys = np.arange(0, n, len(KINDS))  # document i is of kind KINDS[i % 3]
+        lengths[passkeys] = np.random.default_rng([seed, 31337]).integers(
+            max(int(max_chars * passkey_min_fraction), 64), max(max_chars, 64) + 1, size=len(passkeys))
     out = []
     for i, length in enumerate(lengths):
         out += retrieval_documents(1, sample, int(length), seed=seed * 100003 + i, first_kind=i)

@@ -274,12 +274,14 @@ def split_whole(docs: list[np.ndarray], synthetic: list[np.ndarray], seq_len: in
 
 
 def synthetic_token_documents(texts_ds, tokenizer, n: int, max_chars: int, seed: int = 0,
-                              min_fraction: float = SYNTHETIC_MIN_FRACTION) -> list[np.ndarray]:
+                              min_fraction: float = SYNTHETIC_MIN_FRACTION,
+                              passkey_min_fraction: float | None = None) -> list[np.ndarray]:
     """n synthetic passkey / key–value / copy documents of `min_fraction` to all of max_chars characters,
     haystacks cut from `texts_ds`, tokenized like the data (`seerjax.train.corpus.synthetic_documents`)."""
     from seerjax.train.corpus import synthetic_documents
 
-    docs = synthetic_documents(texts_ds, n, max_chars, seed=seed, min_fraction=min_fraction)
+    docs = synthetic_documents(texts_ds, n, max_chars, seed=seed, min_fraction=min_fraction,
+                               passkey_min_fraction=passkey_min_fraction)
     return tokenize_documents(datasets_from_texts(docs), tokenizer)
 
 

@@ -50,6 +50,7 @@ class PretrainSettings:
     dtype: str = "bfloat16"
     retrieval_docs: int = 2000
     retrieval_min_fraction: float = SYNTHETIC_MIN_FRACTION  # synthetic documents: this fraction of seq_len to all of it
+    passkey_min_fraction: float | None = None  # the passkey documents' own (default: retrieval_min_fraction)
     rope_theta: float = 10000.0
     rope_scaling: str | None = None  # "TYPE:FACTOR[:ORIGINAL]" (see `rope_config`), e.g. a longer stage's llama3:2
     attention: str | None = None
@@ -64,9 +65,12 @@ class PretrainSettings:
                 raise PretrainError(f"{name} must be positive, got {getattr(self, name)}")
         if not (isinstance(self.rope_theta, (int, float)) and np.isfinite(self.rope_theta) and self.rope_theta > 1):
             raise PretrainError(f"rope_theta must be a finite number > 1, got {self.rope_theta!r}")
-        f = self.retrieval_min_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
-            raise PretrainError(f"retrieval_min_fraction must be a number in (0, 1], got {f!r}")
+        for name in ("retrieval_min_fraction", "passkey_min_fraction"):
+            f = getattr(self, name)
+            if f is None and name == "passkey_min_fraction":
+                continue
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+                raise PretrainError(f"{name} must be a number in (0, 1], got {f!r}")
         if self.seq_len < 16:
             raise PretrainError(f"seq_len must be at least 16, got {self.seq_len}")
         rope_config(self.rope_theta, self.rope_scaling, self.seq_len)  # refuses a bad spec before any loading
@@ -134,7 +138,8 @@ def training_documents(s: PretrainSettings) -> tuple[list[np.ndarray], list[np.n
         return docs, []
     # Sequences hold seq_len + 1 tokens (inputs and targets): a document of up to seq_len bytes fits whole.
     synthetic = synthetic_token_documents(texts, tokenizer, s.retrieval_docs, s.seq_len, seed=s.seed,
-                                          min_fraction=s.retrieval_min_fraction)
+                                          min_fraction=s.retrieval_min_fraction,
+                                          passkey_min_fraction=s.passkey_min_fraction)
     return split_whole(docs, synthetic, s.seq_len + 1)
 
 

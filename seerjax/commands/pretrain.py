@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-min-fraction", type=float, default=0.125,
                    help="synthetic documents are this fraction of --seq-len to all of it (uniform); larger puts more "
                         "needles far from their question")
+    p.add_argument("--passkey-min-fraction", type=float, default=None,
+                   help="the passkey documents' own shortest length, as a fraction of --seq-len (default: "
+                        "--retrieval-min-fraction); 1.0 spreads needle distances evenly up to --seq-len")
     p.add_argument("--rope-theta", type=float, default=10000.0,
                    help="RoPE base wavelength (Llama 2: 10000; Llama 3: 500000, kinder to retrieval over long distances)")
     p.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR[:ORIGINAL]",
@@ -41,6 +44,7 @@ def run(args) -> int:
         out=args.out, preset=args.preset, data=args.data, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=args.warmup, save_every=args.save_every, seed=args.seed, dtype=args.dtype,
         retrieval_docs=args.retrieval_docs, retrieval_min_fraction=args.retrieval_min_fraction,
+        passkey_min_fraction=args.passkey_min_fraction,
         rope_theta=args.rope_theta, rope_scaling=args.rope_scaling, attention=args.attention, progress=not args.no_progress, init_model=args.init_model,
     )
     summary = pretrain(s)
