@@ -9,11 +9,12 @@
 #   bash eval/study.sh distill OUT      # both distillations only, from OUT/base/model
 #   bash eval/study.sh eval OUT         # both evaluations, from OUT/base/model and OUT/gates_{query,kv}
 #
-# Sizes come from the environment (defaults: the study recipe on one H100, docs/results.md fifteenth session:
-# gates with d_gate 128, q pooled by average and max, scored at 8 x 8 sub-blocks per block, a 16,000-step schedule;
-# the measured gates are its 12,000-step checkpoint); the CPU tests run it with a stub.
-# The 16k study's base model (docs/results.md, fourteenth session; 444 s for both stages on one H100):
-#   SEQ=16384 STAGE1=8192:2800:8:2e-3 PRETRAIN_STEPS=1500 PRETRAIN_BATCH=4 PRETRAIN_LR=1e-3 bash eval/study.sh pretrain OUT
+# Sizes come from the environment (defaults: the study recipe on one H100, docs/results.md sixteenth session:
+# gates with d_gate 128, q pooled by average and max, scored at 8 x 8 sub-blocks per block, 12,000 steps;
+# the CPU tests run it with a stub).
+# The 16k study's base model (docs/results.md, sixteenth session; 445 s for both stages on one H100):
+#   SEQ=16384 STAGE1=8192:2800:8:2e-3 PRETRAIN_STEPS=1500 PRETRAIN_BATCH=4 PRETRAIN_LR=1e-3 ROPE_SCALING=llama3:2 \
+#     PASSKEY_MIN_FRACTION=1.0 bash eval/study.sh pretrain OUT
 set -euo pipefail
 stage=${1:?usage: study.sh all|train|pretrain|distill|eval OUT}
 out=${2:?usage: study.sh all|train|pretrain|distill|eval OUT}
@@ -28,7 +29,7 @@ STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a short
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
 RETRIEVAL_MIN_FRACTION=${RETRIEVAL_MIN_FRACTION:-0.125}  # the main stage's synthetic documents: this fraction of SEQ to all of it
 PASSKEY_MIN_FRACTION=${PASSKEY_MIN_FRACTION:-}  # the main stage's passkey documents' own (seerjax pretrain --passkey-min-fraction)
-DISTILL_STEPS=${DISTILL_STEPS:-16000}
+DISTILL_STEPS=${DISTILL_STEPS:-12000}
 DISTILL_LR=${DISTILL_LR:-1e-3}
 DISTILL_RETRIEVAL_DOCS=${DISTILL_RETRIEVAL_DOCS:-4000}
 BLOCK=${BLOCK:-64}
@@ -36,7 +37,7 @@ D_GATE=${D_GATE:-128}
 GATE_TYPE=${GATE_TYPE:-Qavgmax_Kmaxminavg}  # the gate's poolings (the seed's default: Qavg_Kmaxminavg)
 Q_SUB_BLOCKS=${Q_SUB_BLOCKS:-8}  # the gate's scoring grain: sub-blocks per query / key block (seerjax.gate);
 K_SUB_BLOCKS=${K_SUB_BLOCKS:-8}  # 1 and 1 score whole blocks, as the seed does (docs/results.md, fifteenth session)
-SKIP_FRACTION=${SKIP_FRACTION:-0.25}  # first query blocks left out of the distillation loss (the seed's 0.25)
+SKIP_FRACTION=${SKIP_FRACTION:-0}  # first query blocks left out of the distillation loss (the seed: 0.25; the 16k study: 0, every row)
 DISTILL_HEADS=${DISTILL_HEADS:-query,kv}  # which gates the distill stage trains
 EVAL_SEQS=${EVAL_SEQS:-16}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}

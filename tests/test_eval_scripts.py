@@ -320,8 +320,8 @@ def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
 
 
 def test_study_distill_scores_at_8x8_sub_blocks_unless_told_otherwise(tmp_path):
-    """eval/study.sh distill passes --q-sub-blocks 8 --k-sub-blocks 8 to both distillations by default, and the
-    environment's grain when given (a stub stands in for seerjax)."""
+    """eval/study.sh distill passes --q-sub-blocks 8 --k-sub-blocks 8 to both distillations by default (with the
+    study's 12,000-step schedule), and the environment's grain when given (a stub stands in for seerjax)."""
     stub, log = _seerjax_stub(tmp_path, "metrics.jsonl")
     for grain, expect in ((None, ("8", "8")), (("1", "4"), ("1", "4"))):
         env = dict(ENV, SEERJAX=str(stub))
@@ -334,3 +334,5 @@ def test_study_distill_scores_at_8x8_sub_blocks_unless_told_otherwise(tmp_path):
         assert len(calls) == 2 and all(c.startswith("distill ") for c in calls), calls
         for c in calls:
             assert f"--q-sub-blocks {expect[0]} --k-sub-blocks {expect[1]}" in c, c
+            if grain is None:  # the sixteenth session's measured schedule: 12,000 steps, warm-up 1,201, every row
+                assert "--steps 12000 " in c and "--warmup 1201 " in c and "--skip-fraction 0 " in c, c
