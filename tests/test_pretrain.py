@@ -85,7 +85,7 @@ def test_pretrain_tiny_resumes_and_exports_a_loadable_byte_model(tmp_path):
     np.testing.assert_allclose(np.asarray(again(jnp.asarray([[97, 98, 99]]))), np.asarray(logits), atol=0.1)
 
 
-def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path):
+def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path, capsys):
     """--init-model: a pretrain at a longer length continues from one at a shorter length (lr 0 keeps the
     parameters exactly), and a model of another architecture, or no model, is refused by name."""
     import jax
@@ -100,6 +100,7 @@ def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path):
     short = pretrain(PretrainSettings(out=str(tmp_path / "short"), seq_len=32, **base), docs=docs)
     longer = pretrain(PretrainSettings(out=str(tmp_path / "long"), seq_len=96, lr=0.0, init_model=short["model"],
                                        **base), docs=docs)
+    assert "its RoPE" not in capsys.readouterr().out  # the same RoPE: nothing to say
     a = seerjax.from_pretrained(short["model"], dtype="float32")
     b = seerjax.from_pretrained(longer["model"], dtype="float32")
     assert b.config.max_position_embeddings == a.config.max_position_embeddings  # max(seq_len, 2048) both
@@ -115,6 +116,7 @@ def test_pretrain_starts_from_a_model_of_the_same_architecture(tmp_path):
     # a longer stage may extend the context by a RoPE scaling: same parameters, the new RoPE in the export
     scaled = pretrain(PretrainSettings(out=str(tmp_path / "scaled"), seq_len=96, lr=0.0, init_model=short["model"],
                                        rope_scaling="llama3:3", **base), docs=docs)
+    assert "its RoPE RopeConfig(rope_type='default'" in capsys.readouterr().out  # the change is said
     d = seerjax.from_pretrained(scaled["model"], dtype="float32")
     assert (d.config.rope.rope_type, d.config.rope.factor, d.config.rope.original_max_position_embeddings) == ("llama3", 3.0, 32)
     for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(d, nnx.Param))):

@@ -177,7 +177,11 @@ def pretrain(s: PretrainSettings, *, docs=None, whole=None) -> dict:
     manager = checkpoint_manager(s.out)
     if s.init_model and manager.latest_step() is None:  # (a resume restores its checkpoint instead)
         # continue from a model of the same architecture (e.g. one pretrained at a shorter length)
-        nnx.update(model, nnx.state(_init_model(s.init_model, cfg), nnx.Param))
+        start_model = _init_model(s.init_model, cfg)
+        if start_model.config.rope != cfg.rope:  # allowed (a context extension), but never silent
+            print(f"--init-model {s.init_model}: its RoPE {start_model.config.rope} becomes {cfg.rope} in this run",
+                  flush=True)
+        nnx.update(model, nnx.state(start_model, nnx.Param))
     if docs is None:
         docs, whole = training_documents(s)
     data = PackedSequences(docs, s.seq_len + 1, ByteTokenizer.eos_token_id, seed=s.seed, whole=list(whole or []))
