@@ -84,6 +84,9 @@ class EvalSettings:
         for name in ("seq_len", "num_sequences", "batch", "retrieval_samples", "recall_sequences"):
             if getattr(self, name) < 1:
                 raise EvalError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.recall_sequences > self.num_sequences:
+            raise EvalError(f"recall_sequences={self.recall_sequences} exceeds num_sequences={self.num_sequences}: recall "
+                            f"is measured on the first of the evaluated sequences")
         if self.seq_len < self.block_size:
             raise EvalError(f"seq_len={self.seq_len} is shorter than one block (block_size={self.block_size})")
         if "seer" in self.methods and not self.gates:

@@ -42,6 +42,7 @@ DISTILL_HEADS=${DISTILL_HEADS:-query,kv}  # which gates the distill stage trains
 EVAL_SEQS=${EVAL_SEQS:-16}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}
 RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
+RECALL_SEQS=${RECALL_SEQS:-1}  # of the EVAL_SEQS sequences, those that also measure attention-mass recall
 DENSITIES=${DENSITIES:-0.5,0.25,0.1}
 EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
 # Selection options of the evaluation, for every method. Default: the last query block (a passkey's question)
@@ -102,7 +103,7 @@ if [[ $stage == all || $stage == train || $stage == distill ]]; then
 fi
 if [[ $stage == all || $stage == eval ]]; then
   common=(--model "$MODEL" --data embedded:heldout --seq-len "$SEQ" --densities "$DENSITIES"
-          --num-sequences "$EVAL_SEQS" --retrieval-lengths "$RETRIEVAL_LENGTHS" --retrieval-samples "$RETRIEVAL_SAMPLES"
+          --num-sequences "$EVAL_SEQS" --recall-sequences "$RECALL_SEQS" --retrieval-lengths "$RETRIEVAL_LENGTHS" --retrieval-samples "$RETRIEVAL_SAMPLES"
           --no-progress $SELECT $EXTRA)
   methods=${QUERY_METHODS:-seer,oracle,streaming,vertical_slash,quest,moba}
   echo "== eval: query-head gates (and $methods) and KV-head gates $(date -u +%T)"

@@ -313,6 +313,7 @@ def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
         log.unlink()
         assert len(calls) == 2 and all(c.startswith("eval ") for c in calls), calls
         for c in calls:
+            assert "--num-sequences 16 --recall-sequences 1 " in c, c
             assert ("--dense-last-rows" in c) == (expect == "--dense-last-rows 1"), (select, c)
             assert ("--keep-first" in c) == (expect == "--keep-first"), (select, c)
             if expect:

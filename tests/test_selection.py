@@ -320,6 +320,29 @@ def test_eval_settings_errors():
         EvalSettings(model="m", gates="g", data="d", seq_len=16, out="o")
     with pytest.raises(EvalError, match="dense_last_rows"):
         EvalSettings(model="m", gates="g", data="d", seq_len=128, out="o", dense_last_rows=-1)
+    with pytest.raises(EvalError, match="recall_sequences=3 exceeds num_sequences=2"):
+        EvalSettings(model="m", gates="g", data="d", seq_len=128, out="o", num_sequences=2, recall_sequences=3)
+    with pytest.raises(EvalError, match="recall_sequences must be positive, got 0"):
+        EvalSettings(model="m", gates="g", data="d", seq_len=128, out="o", recall_sequences=0)
+
+
+def test_recall_is_the_mean_over_the_recall_sequences():
+    """--recall-sequences N: recall (and its ceiling) average over the first N sequences, each measured alone."""
+    from seerjax.cli import build_parser
+    from seerjax.eval.harness import _recall, recall_ceiling
+
+    args = build_parser()[0].parse_args(["eval", "--model", "m", "--data", "d", "--seq-len", "64", "--out", "o",
+                                         "--recall-sequences", "4"])
+    assert args.recall_sequences == 4
+    model = _tiny_model()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 64, size=64).astype(np.int32) for _ in range(2)]
+    opts = {"density": 0.25, "block_size": 16, "implementation": "reference"}
+    each = [_recall(model, "oracle", opts, [s], 16) for s in seqs]
+    assert each[0] != each[1]
+    np.testing.assert_allclose(_recall(model, "oracle", opts, seqs, 16), np.mean(each), rtol=1e-6)
+    ceilings = [recall_ceiling(model, opts, [s], 16) for s in seqs]
+    np.testing.assert_allclose(recall_ceiling(model, opts, seqs, 16), np.mean(ceilings), rtol=1e-6)
 
 
 def test_eval_cli_bad_flags_exit_with_a_message(tmp_path):

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how TopK spreads a density over the query rows: the same k per row (uniform, the seed's "
                    "rule) or about `density` of each row's visible blocks (proportional)")
     p.add_argument("--num-sequences", type=int, default=8, help="held-out sequences for perplexity")
+    p.add_argument("--recall-sequences", type=int, default=1,
+                   help="of those, the first N also measure attention-mass recall and its ceiling (default 1; each "
+                        "costs a forward pass per method and density)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--retrieval-lengths", type=_ints, default=(), help="passkey document lengths (default: --seq-len)")
     p.add_argument("--retrieval-depths", type=_floats, default=(0.1, 0.5, 0.9), help="passkey depths in [0, 1]")
@@ -64,7 +67,7 @@ def run(args) -> int:
         model=args.model, gates=args.gates, data=args.data, seq_len=args.seq_len, out=args.out,
         densities=args.densities, methods=args.methods, thresholds=args.thresholds,
         keep_first=args.keep_first, dense_last_rows=args.dense_last_rows, budget=args.budget,
-        num_sequences=args.num_sequences, batch=args.batch, retrieval_lengths=args.retrieval_lengths,
+        num_sequences=args.num_sequences, recall_sequences=args.recall_sequences, batch=args.batch, retrieval_lengths=args.retrieval_lengths,
         retrieval_depths=args.retrieval_depths, retrieval_samples=args.retrieval_samples,
         block_size=args.block_size, dtype=args.dtype, implementation=args.implementation, mesh=args.mesh, seed=args.seed,
         progress=not args.no_progress,
