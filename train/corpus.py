@@ -203,12 +203,14 @@ def synthetic_documents(texts, n: int, max_chars: int, seed: int = 0,
         if f is not None and not 0.0 < f <= 1.0:
             raise ValueError(f"{name} must be in (0, 1], got {f!r}")
     sample = [texts[i]["text"] for i in range(min(len(texts), 2000))]
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(max(int(max_chars * min_fraction), 64), max(max_chars, 64) + 1, size=n)
+
+    def draw(rng, fraction, size):  # uniform lengths from `fraction` of max_chars (at least 64) to all of it
+        return rng.integers(max(int(max_chars * fraction), 64), max(max_chars, 64) + 1, size=size)
+
+    lengths = draw(np.random.default_rng(seed), min_fraction, n)
     if passkey_min_fraction is not None:  # (the other kinds keep the lengths drawn above)
         passkeys = np.arange(0, n, len(KINDS))  # document i is of kind KINDS[i % 3]
-        lengths[passkeys] = np.random.default_rng([seed, 31337]).integers(
-            max(int(max_chars * passkey_min_fraction), 64), max(max_chars, 64) + 1, size=len(passkeys))
+        lengths[passkeys] = draw(np.random.default_rng([seed, 31337]), passkey_min_fraction, len(passkeys))
     out = []
     for i, length in enumerate(lengths):
         out += retrieval_documents(1, sample, int(length), seed=seed * 100003 + i, first_kind=i)
