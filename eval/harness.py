@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("dense", "seer", "oracle", "streaming", "vertical_slash", "quest", "moba")
+METHODS = ("dense", "seer", "oracle", "oracle_kv", "streaming", "vertical_slash", "quest", "moba")
 
 
 class EvalError(ValueError):

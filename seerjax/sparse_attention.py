@@ -2,7 +2,8 @@
 
 ``"pooled"`` — gate distillation: dense attention through `attention_with_pooling`, which also yields the
 layer's block max-pooled attention map (the target), plus the gate's logits on stop-gradient q and k.
-``"seer"`` — inference: gate → block selection → `block_sparse_attention`. ``"oracle"`` and the
+``"seer"`` — inference: gate → block selection → `block_sparse_attention`. ``"oracle"`` (``"oracle_kv"``: one
+mask per KV head, the bound for KV-head gates) and the
 training-free baselines ``"streaming"``, ``"vertical_slash"``, ``"quest"``, ``"moba"`` select blocks from
 other scores with the same TopK, so all compare at matched density. Selection settings come from the
 attention config (`density` or `threshold`, `keep_first`, `dense_last_rows`, `budget`, `block_size`), not from code;
@@ -181,6 +182,21 @@ def oracle_attention(inputs: AttentionInputs) -> AttentionOutputs:
     return _sparse(inputs, pooled, bs)
 
 
+@register_attention("oracle_kv")
+@sparse_prefill_dense_decode
+def oracle_kv_attention(inputs: AttentionInputs) -> AttentionOutputs:
+    """The upper bound for one mask per KV head: each group's block max-pooled maps, max-ed over its query heads
+    (the KV-head gates' distillation target, `gate_targets`), pick the blocks the whole group reads."""
+    bs = _block_size(inputs)
+    _, pooled = attention_with_pooling(
+        inputs.q, inputs.k, inputs.v, causal=inputs.causal, block_size=bs, sm_scale=inputs.config.get("sm_scale"),
+        lengths=inputs.lengths, implementation=inputs.config.get("implementation"),
+    )
+    b, hq, nq, nk = pooled.shape
+    hkv = inputs.k.shape[2]
+    return _sparse(inputs, pooled.reshape(b, hkv, hq // hkv, nq, nk).max(axis=2), bs)
+
+
 @register_attention("streaming")
 @sparse_prefill_dense_decode
 def streaming_attention(inputs: AttentionInputs) -> AttentionOutputs:
@@ -216,4 +232,4 @@ def moba_attention(inputs: AttentionInputs) -> AttentionOutputs:
     return _sparse(inputs, moba_scores(inputs.q, inputs.k, bs, inputs.lengths), bs)
 
 
-SPARSE_METHODS = ("seer", "oracle", "streaming", "vertical_slash", "quest", "moba")
+SPARSE_METHODS = ("seer", "oracle", "oracle_kv", "streaming", "vertical_slash", "quest", "moba")

@@ -353,3 +353,22 @@ def test_eval_cli_bad_flags_exit_with_a_message(tmp_path):
     p = subprocess.run([sys.executable, "-m", "seerjax", "eval", "--model", "m", "--data", "d", "--seq-len", "128",
                         "--out", str(tmp_path), "--densities", "0.5,abc"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "comma-separated numbers" in p.stderr
+
+
+def test_oracle_kv_reads_one_mask_per_kv_head_picked_from_the_groups_max_pooled_map():
+    """oracle_kv: the bound for KV-head gates. Its layer-0 mask has one row of blocks per KV head, and it is the TopK
+    of the group's max-pooled maps max-ed over the group's query heads (what KV-head gates are distilled to)."""
+    model = _tiny_model()  # 4 query heads, 2 KV heads
+    ids = jax.random.randint(jax.random.key(5), (1, 128), 0, 256)
+    opts = {"density": 0.25, "implementation": "reference", "block_size": 16}
+    with jax.default_matmul_precision("highest"):
+        _, pooled_aux = model.forward(ids, attention="pooled", attention_config={"block_size": 16, "implementation": "reference"})
+        _, aux = model.forward(ids, attention="oracle_kv", attention_config={**opts, "return_mask": True})
+        _, aux_q = model.forward(ids, attention="oracle", attention_config={**opts, "return_mask": True})
+    pooled = pooled_aux[0]["pooled"]  # [1, 4, 8, 8]
+    mask = np.asarray(aux[0]["mask"])
+    assert mask.shape == (1, 2, 8, 8) and np.asarray(aux_q[0]["mask"]).shape == (1, 4, 8, 8)
+    by_group = pooled.reshape(1, 2, 2, 8, 8).max(axis=2)
+    np.testing.assert_array_equal(mask, np.asarray(select_blocks(by_group, SelectionConfig(density=0.25), causal=True)))
+    # the same per-row budget as the per-query-head oracle
+    assert float(aux[0]["density"].mean()) == pytest.approx(float(aux_q[0]["density"].mean()), abs=0.05)

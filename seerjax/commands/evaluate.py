@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, required=True, help="tokens per evaluated sequence")
     p.add_argument("--densities", type=_floats, default=(1.0, 0.5, 0.25, 0.1), help="comma-separated target densities")
     p.add_argument("--methods", type=_names, default=("seer", "oracle", "streaming", "vertical_slash", "quest", "moba"),
-                   help="comma-separated: seer, oracle, streaming, vertical_slash, quest, moba (dense always runs)")
+                   help="comma-separated: seer, oracle, oracle_kv (one mask per KV head), streaming, vertical_slash, quest, moba "
+                        "(dense always runs)")
     p.add_argument("--thresholds", type=_floats, default=(), help="comma-separated softmax thresholds for 'seer'")
     p.add_argument("--keep-first", action="store_true",
                    help="every sparse method also keeps the first key block (the attention sink)")
