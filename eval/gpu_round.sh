@@ -4,7 +4,7 @@
 #   bash eval/gpu_round.sh OUT [STEP ...]
 #
 # Steps (default: all, in this order; each capped with `timeout`; a failing step does not stop the others):
-#   tests   compiled correctness tests, in nine pytest processes side by side (every property example compiles
+#   tests   compiled correctness tests, in ten pytest processes side by side (every property example compiles
 #           its own kernels, so one process is CPU-bound on compilation; the device has 16 host cores)
 #   gate    eval/bench_gate.py at 32k and 128k
 #   tune    eval/tune_kernels.py: pooled tiles TILES side by side at 32k (5 rounds), Hopper ring depth / warpgroups at 128k
@@ -44,9 +44,10 @@ for step in "${steps[@]}"; do
       run t_hopper_launch "$CAP_TESTS" "${py[@]}" tests/test_hopper.py -k "launch_options or dispatch" &
       run t_hopper_rest "$CAP_TESTS" "${py[@]}" tests/test_hopper.py -k "not (launch_options or dispatch)" &
       run t_hopper_bwd "$CAP_TESTS" "${py[@]}" tests/test_hopper_bwd.py &
+      run t_other "$CAP_TESTS" "${py[@]}" tests/test_sub_block_scores.py tests/test_model_hf.py &
       wait
       unset XLA_PYTHON_CLIENT_PREALLOCATE
-      # one file for the nine logs: the device tool returns at most 8 files per call (eleventh session)
+      # one file for the ten logs: the device tool returns at most 8 files per call (eleventh session)
       for f in "$out"/t_*.log; do echo "==== $(basename "$f")"; cat "$f"; done > "$out/tests.log" && rm -f "$out"/t_*.log
       ;;
     gate) run gate 120 python3 eval/bench_gate.py --lengths 32768,131072 --json "$out/gate.json" ;;

@@ -12,8 +12,8 @@
 # Sizes come from the environment (defaults: the study recipe on one H100, docs/results.md sixteenth session:
 # gates with d_gate 128, q pooled by average and max, scored at 8 x 8 sub-blocks per block, 12,000 steps;
 # the CPU tests run it with a stub).
-# The 16k study's base model (docs/results.md, sixteenth session; 445 s for both stages on one H100):
-#   SEQ=16384 STAGE1=8192:2800:8:2e-3 PRETRAIN_STEPS=1500 PRETRAIN_BATCH=4 PRETRAIN_LR=1e-3 ROPE_SCALING=llama3:2 \
+# The 16k study's base model (docs/results.md, seventeenth session; 438 s for both stages on one H100):
+#   SEQ=16384 STAGE1=8192:2400:8:2e-3 PRETRAIN_STEPS=1850 PRETRAIN_BATCH=4 PRETRAIN_LR=1e-3 ROPE_SCALING=llama3:2 \
 #     PASSKEY_MIN_FRACTION=1.0 bash eval/study.sh pretrain OUT
 set -euo pipefail
 stage=${1:?usage: study.sh all|train|pretrain|distill|eval OUT}
@@ -25,7 +25,7 @@ PRETRAIN_BATCH=${PRETRAIN_BATCH:-8}
 PRETRAIN_LR=${PRETRAIN_LR:-2e-3}
 ROPE_THETA=${ROPE_THETA:-10000}  # 500000 was tried at 16k and set retrieval back (docs/results.md, thirteenth session)
 ROPE_SCALING=${ROPE_SCALING:-}  # the main stage's RoPE extension after STAGE1, e.g. llama3:2 (seerjax pretrain --rope-scaling)
-STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a shorter length (the 16k study: 8192:2800:8:2e-3)
+STAGE1=${STAGE1:-}  # "SEQ:STEPS:BATCH:LR": a first pretraining stage at a shorter length (the 16k study: 8192:2400:8:2e-3)
 RETRIEVAL_DOCS=${RETRIEVAL_DOCS:-12000}
 RETRIEVAL_MIN_FRACTION=${RETRIEVAL_MIN_FRACTION:-0.125}  # the main stage's synthetic documents: this fraction of SEQ to all of it
 PASSKEY_MIN_FRACTION=${PASSKEY_MIN_FRACTION:-}  # the main stage's passkey documents' own (seerjax pretrain --passkey-min-fraction)
