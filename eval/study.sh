@@ -42,7 +42,8 @@ DISTILL_HEADS=${DISTILL_HEADS:-query,kv}  # which gates the distill stage trains
 EVAL_SEQS=${EVAL_SEQS:-16}
 RETRIEVAL_LENGTHS=${RETRIEVAL_LENGTHS:-2048,4096,8192}
 RETRIEVAL_SAMPLES=${RETRIEVAL_SAMPLES:-4}
-RECALL_SEQS=${RECALL_SEQS:-1}  # of the EVAL_SEQS sequences, those that also measure attention-mass recall
+RECALL_SEQS=${RECALL_SEQS:-$(( EVAL_SEQS < 8 ? EVAL_SEQS : 8 ))}  # of the EVAL_SEQS sequences, those that also measure
+# attention-mass recall (8, as the seventeenth session; 1 before it)
 DENSITIES=${DENSITIES:-0.5,0.25,0.1}
 EXTRA=${EXTRA:-}  # e.g. "--dtype float32 --implementation reference" on a CPU
 # Selection options of the evaluation, for every method. Default: the last query block (a passkey's question)

@@ -313,11 +313,24 @@ def test_study_eval_selects_the_dense_last_row_unless_told_otherwise(tmp_path):
         log.unlink()
         assert len(calls) == 2 and all(c.startswith("eval ") for c in calls), calls
         for c in calls:
-            assert "--num-sequences 16 --recall-sequences 1 " in c, c
+            assert "--num-sequences 16 --recall-sequences 8 " in c, c  # recall on 8 of the 16 by default
             assert ("--dense-last-rows" in c) == (expect == "--dense-last-rows 1"), (select, c)
             assert ("--keep-first" in c) == (expect == "--keep-first"), (select, c)
             if expect:
                 assert f"--no-progress {expect}" in c, c
+
+
+def test_study_eval_measures_recall_on_at_most_eight_sequences(tmp_path):
+    """RECALL_SEQS defaults to 8, or to EVAL_SEQS when fewer are evaluated (eval refuses more); an explicit value is
+    passed as it is (a stub stands in for seerjax)."""
+    stub, log = _seerjax_stub(tmp_path, "results.md")
+    for extra, expect in (({"EVAL_SEQS": "4"}, "--num-sequences 4 --recall-sequences 4 "),
+                          ({"EVAL_SEQS": "12", "RECALL_SEQS": "2"}, "--num-sequences 12 --recall-sequences 2 ")):
+        p = _study("eval", tmp_path / "out", dict(ENV, SEERJAX=str(stub), **extra))
+        assert p.returncode == 0, p.stderr
+        calls = log.read_text().splitlines()
+        log.unlink()
+        assert len(calls) == 2 and all(expect in c for c in calls), calls
 
 
 def test_study_distill_scores_at_8x8_sub_blocks_unless_told_otherwise(tmp_path):
