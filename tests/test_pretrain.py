@@ -221,3 +221,28 @@ def test_a_prepared_corpus_travels_through_seerjax_corpus(tmp_path, monkeypatch)
     monkeypatch.setenv("SEERJAX_CORPUS", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="SEERJAX_CORPUS=.*missing.*manifest.json"):
         corpus.load_embedded("train")
+
+
+def test_corpus_cache_survives_concurrent_builds_and_replaces_a_stale_one(tmp_path, monkeypatch):
+    """Processes that prepare the corpus at once (parallel tests, side-by-side commands) each publish a complete
+    copy by renaming it into place; a cache of another library is replaced whole; no temporary copy is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    for i in range(30):
+        (root / "pkg" / f"m{i}.py").write_text(f"# module {i}\n" + "y = 2\n" * 80)
+    monkeypatch.setattr(corpus, "stdlib_root", lambda: str(root))
+    cache = tmp_path / "cache" / "corpus-x"
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda _: corpus.build(str(cache)), range(4)))
+    assert all(len(d["train"]) + len(d["heldout"]) == 30 for d in built)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["corpus-x"]
+    assert len(corpus.build(str(cache))["train"]) == len(built[0]["train"])
+    # a stale cache (another library's files) is replaced whole
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "files_sha256": "other"}))
+    (cache / "junk").write_text("left from the old copy")
+    assert len(corpus.build(str(cache))["heldout"]) == len(built[0]["heldout"])
+    assert not (cache / "junk").exists() and json.loads((cache / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["corpus-x"]

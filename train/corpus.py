@@ -77,14 +77,11 @@ def build(cache_dir: str | None = None):
     if cache_dir is None and os.environ.get("SEERJAX_CORPUS"):
         return load_prepared(os.environ["SEERJAX_CORPUS"])
     cache_dir = cache_dir or _cache_dir()
-    manifest_path = os.path.join(cache_dir, "manifest.json")
     root = stdlib_root()
     files = corpus_files(root)
     digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            if json.load(f).get("files_sha256") == digest:
-                return datasets.load_from_disk(os.path.join(cache_dir, "data"))
+    if _manifest_digest(cache_dir) == digest:
+        return datasets.load_from_disk(os.path.join(cache_dir, "data"))
     rows = {"train": {"path": [], "text": []}, "heldout": {"path": [], "text": []}}
     for rel in files:
         with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
@@ -95,12 +92,49 @@ def build(cache_dir: str | None = None):
         rows[split]["path"].append(rel)
         rows[split]["text"].append(text)
     dd = datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()})
-    os.makedirs(cache_dir, exist_ok=True)
-    dd.save_to_disk(os.path.join(cache_dir, "data"))
     total = sum(len(t) for v in rows.values() for t in v["text"])
-    with open(manifest_path, "w") as f:
-        json.dump({"root": root, "files_sha256": digest, "documents": len(files), "bytes": total}, f, indent=2)
+    manifest = {"root": root, "files_sha256": digest, "documents": len(files), "bytes": total}
+    _publish(cache_dir, dd, manifest)
     return dd
+
+
+def _manifest_digest(cache_dir: str) -> str | None:
+    try:
+        with open(os.path.join(cache_dir, "manifest.json")) as f:
+            return json.load(f).get("files_sha256")
+    except (OSError, ValueError):
+        return None
+
+
+def _publish(cache_dir: str, dd, manifest: dict) -> None:
+    """Writes the prepared corpus beside `cache_dir` and renames it into place, so processes that prepare it at
+    the same time (parallel tests, side-by-side commands) never read or write a half-written cache: each renames a
+    complete copy, and one that finds another's already there keeps that one."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(cache_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".corpus-build-", dir=parent)
+    try:
+        dd.save_to_disk(os.path.join(tmp, "data"))
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        if _manifest_digest(cache_dir) == manifest["files_sha256"]:
+            return  # another process put the same corpus in place meanwhile (and may be reading it)
+        if os.path.exists(cache_dir):  # a stale cache (another library): move it aside, then remove it
+            stale = tempfile.mkdtemp(prefix=".corpus-stale-", dir=parent)
+            try:
+                os.replace(cache_dir, os.path.join(stale, "old"))
+            except OSError:
+                pass  # another process moved it first
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, cache_dir)
+        except OSError:
+            pass  # another process's complete copy is in place already
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_embedded(split: str = "train"):
