@@ -317,13 +317,18 @@ def _sub_block_starts(positions_bt: jax.Array, size: int, n: int) -> jax.Array:
     return starts
 
 
+def group_max(pooled_bhij: jax.Array, num_kv_heads: int) -> jax.Array:
+    """`[B, Hq, nq, nk]` → `[B, Hkv, nq, nk]`: each KV head's map is the max over its group's query heads."""
+    b, h, nq, nk = pooled_bhij.shape
+    return pooled_bhij.reshape(b, num_kv_heads, h // num_kv_heads, nq, nk).max(axis=2)
+
+
 def gate_targets(pooled_bhij: jax.Array, config: GateConfig) -> jax.Array:
     """Ground truth from the kernel's pooled map `[B, Hq, nq, nk]`: per-KV-head gates take the max
-    over the group's query heads first; each row is then normalized to sum 1 (empty rows stay 0)."""
+    over the group's query heads first (`group_max`); each row is then normalized to sum 1 (empty rows stay 0)."""
     p = pooled_bhij.astype(jnp.float32)
     if config.heads == "kv":
-        b, h, nq, nk = p.shape
-        p = p.reshape(b, config.num_kv_heads, config.group, nq, nk).max(axis=2)
+        p = group_max(p, config.num_kv_heads)
     total = jnp.sum(p, axis=-1, keepdims=True)
     return jnp.where(total > 0, p / jnp.where(total > 0, total, 1.0), 0.0)
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from seerjax.attention import AttentionError, AttentionInputs, AttentionOutputs, reference_attention, register_attention
+from seerjax.gate import group_max
 from seerjax.kernels import attention_with_pooling, block_sparse_attention
 from seerjax.rope import apply_rope, rope_frequencies
 from seerjax.selection import (
@@ -54,18 +55,7 @@ def gate_logits(inputs: AttentionInputs) -> jax.Array:
 @register_attention("pooled")
 def pooled_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """Dense attention plus aux ``pooled`` (float32 `[B, Hq, nq, nk]`) and, with a gate, ``gate_logits``."""
-    cfg = inputs.config
-    block_size = inputs.gate.config.block_size if inputs.gate is not None else cfg.get("block_size", 64)
-    out, pooled = attention_with_pooling(
-        inputs.q,
-        inputs.k,
-        inputs.v,
-        causal=inputs.causal,
-        block_size=block_size,
-        sm_scale=cfg.get("sm_scale"),
-        lengths=inputs.lengths,
-        implementation=cfg.get("implementation"),
-    )
+    out, pooled = _with_pooling(inputs, _block_size(inputs))
     aux = {"pooled": jax.lax.stop_gradient(pooled)}
     if inputs.gate is not None:
         aux["gate_logits"] = gate_logits(inputs)
@@ -86,6 +76,14 @@ def _block_size(inputs: AttentionInputs) -> int:
     if inputs.gate is not None:
         return inputs.gate.config.block_size
     return int(inputs.config.get("block_size", 64))
+
+
+def _with_pooling(inputs: AttentionInputs, block_size: int):
+    """Dense attention of these inputs and its block max-pooled map (`attention_with_pooling`)."""
+    return attention_with_pooling(
+        inputs.q, inputs.k, inputs.v, causal=inputs.causal, block_size=block_size,
+        sm_scale=inputs.config.get("sm_scale"), lengths=inputs.lengths, implementation=inputs.config.get("implementation"),
+    )
 
 
 def _sparse(inputs: AttentionInputs, scores, block_size: int, aux=None, premasked: bool = False) -> AttentionOutputs:
@@ -175,11 +173,7 @@ def seer_attention(inputs: AttentionInputs) -> AttentionOutputs:
 def oracle_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """The upper bound: blocks picked from the true block max-pooled attention map of this very input."""
     bs = _block_size(inputs)
-    _, pooled = attention_with_pooling(
-        inputs.q, inputs.k, inputs.v, causal=inputs.causal, block_size=bs, sm_scale=inputs.config.get("sm_scale"),
-        lengths=inputs.lengths, implementation=inputs.config.get("implementation"),
-    )
-    return _sparse(inputs, pooled, bs)
+    return _sparse(inputs, _with_pooling(inputs, bs)[1], bs)
 
 
 @register_attention("oracle_kv")
@@ -188,13 +182,7 @@ def oracle_kv_attention(inputs: AttentionInputs) -> AttentionOutputs:
     """The upper bound for one mask per KV head: each group's block max-pooled maps, max-ed over its query heads
     (the KV-head gates' distillation target, `gate_targets`), pick the blocks the whole group reads."""
     bs = _block_size(inputs)
-    _, pooled = attention_with_pooling(
-        inputs.q, inputs.k, inputs.v, causal=inputs.causal, block_size=bs, sm_scale=inputs.config.get("sm_scale"),
-        lengths=inputs.lengths, implementation=inputs.config.get("implementation"),
-    )
-    b, hq, nq, nk = pooled.shape
-    hkv = inputs.k.shape[2]
-    return _sparse(inputs, pooled.reshape(b, hkv, hq // hkv, nq, nk).max(axis=2), bs)
+    return _sparse(inputs, group_max(_with_pooling(inputs, bs)[1], inputs.k.shape[2]), bs)
 
 
 @register_attention("streaming")
